@@ -1,0 +1,59 @@
+//! The engine's error type: one enum, each variant a message a user can act on.
+
+use std::path::PathBuf;
+
+/// Everything the engine can refuse or fail at. Messages are complete sentences for the UI and CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The user's input cannot be swept as given (prompts, answers, options).
+    #[error("{0}")]
+    Input(String),
+    /// A model file is missing, unreadable or malformed. The path comes last.
+    #[error("{message}: {}", path.display())]
+    ModelFile { message: String, path: PathBuf },
+    /// The checkpoint's architecture is not one the decoder implements.
+    #[error(
+        "unsupported architecture '{found}': Patchbay supports {}",
+        crate::model::config::SUPPORTED_ARCHITECTURES.join(", ")
+    )]
+    UnsupportedArchitecture { found: String },
+    /// The Hugging Face Hub could not provide the model (offline, unknown repo, network).
+    #[error("{0}")]
+    Hub(String),
+    /// Building or running the tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The requested device cannot be used.
+    #[error("{0}")]
+    Device(String),
+    /// The sweep was cancelled; results computed so far were delivered.
+    #[error("cancelled")]
+    Cancelled,
+    /// A tensor operation failed (shape mismatch, out of memory, ...).
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Reading or writing a file failed.
+    #[error("{message}: {}", path.display())]
+    Io { message: String, path: PathBuf },
+}
+
+impl Error {
+    /// A model-file error for `path`.
+    pub fn model_file(message: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Error::ModelFile {
+            message: message.into(),
+            path: path.into(),
+        }
+    }
+
+    /// An I/O error for `path`, keeping the OS's reason.
+    pub fn io(action: &str, err: std::io::Error, path: impl Into<PathBuf>) -> Self {
+        Error::Io {
+            message: format!("{action} failed ({err})"),
+            path: path.into(),
+        }
+    }
+}
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

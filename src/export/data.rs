@@ -1,0 +1,101 @@
+//! Sweep results as JSON (everything), CSV (one row per cell) and NPY (the `[layer, position]` matrix).
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::patching::result::SweepResult;
+
+/// Writes bytes to `path` via a temporary file in the same folder, so a failed write never leaves a
+/// half-written file where a good one was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.partial"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("creating the file", e, &tmp))?;
+    f.write_all(bytes).map_err(|e| Error::io("writing the file", e, &tmp))?;
+    f.sync_all().map_err(|e| Error::io("writing the file", e, &tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming into place", e, path))
+}
+
+/// The full result as pretty JSON.
+pub fn to_json(result: &SweepResult) -> Result<String> {
+    serde_json::to_string_pretty(result).map_err(|e| Error::Input(format!("serializing results: {e}")))
+}
+
+/// One row per cell: layer, position, tokens, normalized value, raw logit difference, skipped.
+pub fn to_csv(result: &SweepResult) -> String {
+    let mut out = String::from("layer,position,clean_token,corrupted_token,value,patched_logit_diff,skipped\n");
+    for l in 0..result.layers() {
+        for p in 0..result.positions() {
+            let num = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
+            out.push_str(&format!(
+                "{l},{p},{},{},{},{},{}\n",
+                csv_field(&result.clean.tokens[p]),
+                csv_field(&result.corrupted.tokens[p]),
+                num(result.values[l][p]),
+                num(result.patched_logit_diff[l][p]),
+                result.skipped[l][p]
+            ));
+        }
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) || s.starts_with(' ') || s.ends_with(' ') {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// The normalized matrix as a NumPy `.npy` file: float64, shape `(layers, positions)`, NaN where
+/// not computed or undefined. `np.load(path)` reads it.
+pub fn to_npy(result: &SweepResult) -> Vec<u8> {
+    let (rows, cols) = (result.layers(), result.positions());
+    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + header length (2) + header + '\n' must be a multiple of 64.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + rows * cols * 8);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for row in &result.values {
+        for v in row {
+            out.extend_from_slice(&v.unwrap_or(f64::NAN).to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Writes whichever of the three formats have a path.
+pub fn save(result: &SweepResult, json: Option<&Path>, csv: Option<&Path>, npy: Option<&Path>) -> Result<()> {
+    if let Some(p) = json {
+        write_atomic(p, to_json(result)?.as_bytes())?;
+    }
+    if let Some(p) = csv {
+        write_atomic(p, to_csv(result).as_bytes())?;
+    }
+    if let Some(p) = npy {
+        write_atomic(p, &to_npy(result))?;
+    }
+    Ok(())
+}
+
+/// Reads a sweep JSON written by [`save`].
+pub fn load_json(path: &Path) -> Result<SweepResult> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading results", e, path))?;
+    serde_json::from_str(&text).map_err(|e| Error::Io {
+        message: format!("not a Patchbay sweep file ({e})"),
+        path: path.to_owned(),
+    })
+}

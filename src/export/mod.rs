@@ -1,0 +1,3 @@
+//! Writing results: data files that load straight into a notebook.
+
+pub mod data;

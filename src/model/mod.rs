@@ -1,0 +1,257 @@
+//! Loading models: where the files come from, their architecture, weights and tokenizer.
+
+pub mod config;
+pub mod hub;
+pub mod tokenizer;
+pub mod transformer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+pub use config::{ArchConfig, Family};
+pub use hub::DownloadProgress;
+pub use tokenizer::TextTokenizer;
+pub use transformer::{Forward, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
+
+use crate::error::{Error, Result};
+
+/// The model Patchbay opens when the user has not chosen one.
+pub const DEFAULT_MODEL: &str = "Qwen/Qwen3-0.6B";
+
+/// Where a model's files come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelSource {
+    /// A Hugging Face Hub repo id, fetched through the shared HF cache.
+    Hub { repo_id: String, revision: String },
+    /// A folder with config.json, *.safetensors and tokenizer.json (transformers' `save_pretrained`).
+    Folder(PathBuf),
+    /// A single GGUF file (weights dequantized at load, tokenizer from its metadata).
+    Gguf(PathBuf),
+}
+
+impl ModelSource {
+    /// Interprets what a user typed: an existing `.gguf` file, an existing folder, or `owner/name`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            return Err(Error::Input(
+                "no model given: name a Hub repo id, a model folder or a .gguf file".into(),
+            ));
+        }
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Ok(ModelSource::Folder(path.to_owned()));
+        }
+        if path.is_file() {
+            return if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                Ok(ModelSource::Gguf(path.to_owned()))
+            } else {
+                Err(Error::model_file(
+                    "expected a .gguf file or a folder with config.json, *.safetensors and tokenizer.json",
+                    path,
+                ))
+            };
+        }
+        let looks_like_path = spec.starts_with('/')
+            || spec.starts_with('.')
+            || spec.starts_with('~')
+            || spec.ends_with(".gguf")
+            || spec.contains('\\');
+        if !looks_like_path && hub::is_repo_id(spec) {
+            let (repo_id, revision) = match spec.split_once('@') {
+                Some((r, rev)) => (r.to_owned(), rev.to_owned()),
+                None => (spec.to_owned(), "main".to_owned()),
+            };
+            return Ok(ModelSource::Hub { repo_id, revision });
+        }
+        Err(Error::model_file(
+            "model not found (no such file or folder, and not a Hub repo id like 'Qwen/Qwen3-0.6B')",
+            path,
+        ))
+    }
+
+    /// A short name for titles and exports: the repo id or the file/folder name.
+    pub fn display_name(&self) -> String {
+        match self {
+            ModelSource::Hub { repo_id, .. } => repo_id.clone(),
+            ModelSource::Folder(p) | ModelSource::Gguf(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| p.display().to_string()),
+        }
+    }
+}
+
+/// Which device runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum DeviceChoice {
+    /// The CPU, f32.
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU by ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// Parses "cpu", "cuda" or "cuda:N".
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| Error::Input(format!("unknown device '{s}': use cpu, cuda or cuda:N"))),
+        }
+    }
+
+    /// Opens the device, explaining why CUDA is unavailable when it is.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda(ordinal) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(Error::Device(
+                        "CUDA was asked for, but this build of Patchbay has no CUDA support: rebuild with \
+                         `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
+                            .into(),
+                    ));
+                }
+                Device::new_cuda(ordinal)
+                    .map_err(|e| Error::Device(format!("cannot open CUDA device {ordinal} ({e}); use --device cpu")))
+            }
+        }
+    }
+
+    /// The dtype used unless the user picks one: f32 on CPU (no fast bf16 matmul there), bf16 on GPU.
+    pub fn default_dtype(self) -> DType {
+        match self {
+            DeviceChoice::Cpu => DType::F32,
+            DeviceChoice::Cuda(_) => DType::BF16,
+        }
+    }
+}
+
+/// Parses a dtype name: f32, f16, bf16.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(Error::Input(format!("unknown dtype '{other}': use f32, f16 or bf16"))),
+    }
+}
+
+/// Progress of a model load, for status lines.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadProgress {
+    /// Bytes of a file arriving from the Hub.
+    Download(DownloadProgress),
+    /// A loading stage ("reading weights", "building tokenizer").
+    Stage(String),
+}
+
+/// A loaded model: the hookable decoder, its tokenizer and where it came from.
+pub struct Model {
+    /// What the user asked for.
+    pub source: ModelSource,
+    /// The architecture read from the checkpoint.
+    pub config: ArchConfig,
+    /// The decoder.
+    pub transformer: Transformer,
+    /// The tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Seconds spent loading (download excluded).
+    pub load_seconds: f64,
+}
+
+impl Model {
+    /// Loads a model on `device` in `dtype` (the device's default when `None`).
+    pub fn load(
+        source: &ModelSource,
+        device: DeviceChoice,
+        dtype: Option<DType>,
+        on_progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let dev = device.open()?;
+        let dtype = dtype.unwrap_or(device.default_dtype());
+        if dev.is_cpu() && dtype == DType::F16 {
+            return Err(Error::Input(
+                "f16 is not supported on the CPU: use f32 (or bf16)".into(),
+            ));
+        }
+        let mut start = Instant::now();
+        let (config, transformer, tokenizer) = match source {
+            ModelSource::Gguf(path) => load_gguf(path, dtype, &dev, on_progress)?,
+            ModelSource::Folder(dir) => load_folder(dir, dtype, &dev, on_progress)?,
+            ModelSource::Hub { repo_id, revision } => {
+                let dir = hub::fetch_model(repo_id, revision, &mut |p| {
+                    on_progress(LoadProgress::Download(p.clone()))
+                })?;
+                start = Instant::now(); // the download is not load time
+                load_folder(&dir, dtype, &dev, on_progress)?
+            }
+        };
+        Ok(Self {
+            source: source.clone(),
+            config,
+            transformer,
+            tokenizer,
+            load_seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The dtype of activations, as a short name ("f32").
+    pub fn dtype_name(&self) -> String {
+        format!("{:?}", self.transformer.dtype()).to_ascii_lowercase()
+    }
+
+    /// The device, as a short name ("cpu", "cuda:0").
+    pub fn device_name(&self) -> String {
+        match self.transformer.device() {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(_) => "cuda".into(),
+            Device::Metal(_) => "metal".into(),
+        }
+    }
+}
+
+type Loaded = (ArchConfig, Transformer, TextTokenizer);
+
+fn load_gguf(path: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnMut(LoadProgress)) -> Result<Loaded> {
+    on_progress(LoadProgress::Stage("reading GGUF".into()));
+    let mut file = weights::GgufFile::open(path)?;
+    let config = ArchConfig::from_gguf(&file.content, file.has_output_weight()).map_err(|e| in_file(e, path))?;
+    let tokenizer = TextTokenizer::from_gguf(&file.content)?;
+    on_progress(LoadProgress::Stage("dequantizing weights".into()));
+    let vb = file.var_builder(&config, dtype, dev)?;
+    let transformer = Transformer::new(&config, vb).map_err(|e| in_file(e, path))?;
+    Ok((config, transformer, tokenizer))
+}
+
+fn load_folder(dir: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnMut(LoadProgress)) -> Result<Loaded> {
+    if !dir.is_dir() {
+        return Err(Error::model_file("model folder not found", dir));
+    }
+    let config = ArchConfig::from_hf_config_file(&dir.join("config.json"))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    on_progress(LoadProgress::Stage("reading weights".into()));
+    let files = weights::safetensors_files(dir)?;
+    let vb = weights::safetensors_var_builder(&files, dtype, dev)?;
+    let transformer = Transformer::new(&config, vb).map_err(|e| in_file(e, dir))?;
+    Ok((config, transformer, tokenizer))
+}
+
+/// Attaches the file's path to errors that come from its contents (missing tensors, bad metadata).
+fn in_file(err: Error, path: &Path) -> Error {
+    match err {
+        Error::Input(msg) => Error::model_file(msg, path),
+        Error::Candle(e) => Error::model_file(format!("weights do not match the architecture ({e})"), path),
+        other => other,
+    }
+}

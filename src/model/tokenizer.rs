@@ -1,0 +1,168 @@
+//! Tokenizers from an HF `tokenizer.json` or built from GGUF metadata, behind one small API.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+
+/// GGUF `tokenizer.ggml.token_type` values for tokens that must never be split (control, user-defined).
+const GGUF_TOKEN_CONTROL: i32 = 3;
+const GGUF_TOKEN_USER_DEFINED: i32 = 4;
+
+/// llama.cpp's `llama-bpe` pre-tokenizer regex (Llama 3.x).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's `qwen2` pre-tokenizer regex (Qwen2, Qwen2.5, Qwen3): single digits.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Turns text into token ids the way the model was trained, and ids back into display strings.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// A BOS id to prepend to prompts when the tokenizer itself does not (GGUF `add_bos_token`).
+    bos: Option<u32>,
+}
+
+impl TextTokenizer {
+    /// Loads an HF `tokenizer.json`; its post-processor decides whether prompts get a BOS.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::model_file("tokenizer.json is missing", path));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::model_file(format!("cannot read tokenizer.json ({e})"), path))?;
+        Ok(Self { inner, bos: None })
+    }
+
+    /// Builds the byte-level BPE tokenizer a GGUF file describes (`tokenizer.ggml.*`).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let get_str = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
+        let model = get_str("tokenizer.ggml.model").unwrap_or_default();
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model '{model}' is not supported (only byte-level BPE, 'gpt2')"
+            )));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            let values = md
+                .get(k)
+                .and_then(|v| v.to_vec().ok())
+                .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata lacks '{k}'")))?;
+            values
+                .iter()
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| Error::Tokenizer(format!("{k}: {e}")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
+            .collect();
+        let types: Vec<i32> = md
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.iter().map(|t| t.to_i32().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("building BPE from GGUF: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = get_str("tokenizer.ggml.pre").unwrap_or_default();
+        let byte_level = |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+        let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
+            Ok(PreTokenizerWrapper::Split(
+                Split::new(
+                    SplitPattern::Regex(pattern.to_owned()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| Error::Tokenizer(e.to_string()))?,
+            ))
+        };
+        let pre_tokenizer = match pre.as_str() {
+            "llama-bpe" | "llama3" | "smaug-bpe" => Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level(false)]),
+            "qwen2" => Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false)]),
+            // SmolLM ("smollm") and GPT-2 style: digits one by one, then GPT-2's byte-level regex.
+            _ => Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level(true)]),
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, t)| **t == GGUF_TOKEN_CONTROL || **t == GGUF_TOKEN_USER_DEFINED)
+            .map(|(s, _)| AddedToken::from(s.clone(), true))
+            .collect();
+        inner.add_special_tokens(&specials);
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let bos = if add_bos {
+            md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok())
+        } else {
+            None
+        };
+        Ok(Self { inner, bos })
+    }
+
+    /// Token ids of a prompt, with the BOS token when the model expects one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let Some(bos) = self.bos
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
+    /// Token ids of a text with no special tokens added (answers, continuations).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text one token stands for, as a user reads it (" John", "\n").
+    pub fn token_text(&self, id: u32) -> String {
+        match self.inner.decode(&[id], false) {
+            Ok(s) if !s.is_empty() => s,
+            _ => self.inner.id_to_token(id).unwrap_or_else(|| format!("<{id}>")),
+        }
+    }
+
+    /// Display strings for a list of ids.
+    pub fn token_texts(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter().map(|&id| self.token_text(id)).collect()
+    }
+
+    /// The vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}

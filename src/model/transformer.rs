@@ -1,0 +1,388 @@
+//! One hookable decoder for the Llama, Qwen2 and Qwen3 families.
+//!
+//! candle-transformers' models expose no hooks and return last-position logits only, so we own the
+//! forward pass. It is shaped for activation patching:
+//! - every named site (resid_pre, attn_out, resid_mid, mlp_out, resid_post) goes through a
+//!   [`Hooks`] visitor that may read or replace the activation, per batch row and position;
+//! - a forward may start at any layer, from hidden states at absolute positions `offset..`, attending
+//!   to a cached key/value prefix for positions `< offset` (what a patch at (L, P) needs to recompute
+//!   only its causal cone);
+//! - only the last position goes through the final norm and the unembedding.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::config::{ArchConfig, RopeScaling};
+use crate::error::Result;
+
+/// A place in the forward pass whose activation can be read or overwritten. Names follow
+/// TransformerLens (`blocks.{L}.hook_resid_pre` and so on). Each is `[batch, seq, hidden]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Site {
+    /// The residual stream entering layer L (= resid_post of layer L−1; the embeddings for L = 0).
+    ResidPre,
+    /// The attention block's output, after o_proj, before it is added to the residual stream.
+    AttnOut,
+    /// The residual stream between attention and MLP.
+    ResidMid,
+    /// The MLP block's output, before it is added to the residual stream.
+    MlpOut,
+    /// The residual stream leaving layer L: the decoder layer's output.
+    ResidPost,
+}
+
+/// Reads or overwrites activations at [`Site`]s during a forward pass.
+pub trait Hooks {
+    /// Called with the activation `x` (`[batch, seq, hidden]`) at `site` of `layer`. Sequence index
+    /// 0 of `x` is absolute token position `offset`. Returns the activation the forward continues with.
+    fn visit(&mut self, site: Site, layer: usize, offset: usize, x: Tensor) -> Result<Tensor>;
+}
+
+/// Hooks that change nothing.
+pub struct NoHooks;
+
+impl Hooks for NoHooks {
+    fn visit(&mut self, _: Site, _: usize, _: usize, x: Tensor) -> Result<Tensor> {
+        Ok(x)
+    }
+}
+
+/// Keys and values of one layer, after RoPE (and QK-norm), `[batch, kv_heads, seq, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// Where a forward starts and what it may attend to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Span<'a> {
+    /// The first layer to run; the input is that layer's resid_pre.
+    pub start_layer: usize,
+    /// Absolute position of the input's first token.
+    pub offset: usize,
+    /// Keys/values for positions `0..offset`, one entry per layer (batch 1 or the input's batch).
+    pub prefix: Option<&'a [LayerKv]>,
+    /// Keep every layer's keys/values (for the whole sequence, prefix included) in the output.
+    pub keep_kv: bool,
+}
+
+/// What a forward returns.
+#[derive(Debug)]
+pub struct Forward {
+    /// Logits at the last position, `[batch, vocab]`, f32.
+    pub last_logits: Tensor,
+    /// Per-layer keys/values when [`Span::keep_kv`] was set (entries before `start_layer` are absent).
+    pub kv: Vec<LayerKv>,
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct Layer {
+    input_layernorm: Tensor,
+    attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// A decoder-only transformer with hooks. Weights use the HF checkpoint names.
+pub struct Transformer {
+    cfg: ArchConfig,
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+/// A linear layer with an optional bias: the bias is loaded when the checkpoint has one, which covers
+/// Qwen2's qkv biases and Llama's `attention_bias`/`mlp_bias` without per-family switches.
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if vb.contains_tensor("bias") {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+impl Transformer {
+    /// Builds the decoder from weights named as in an HF checkpoint (`model.layers.0.self_attn.q_proj.weight`, …).
+    pub fn new(cfg: &ArchConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let vbm = vb.pp("model");
+        let embed_weight = vbm.get((cfg.vocab_size, d), "embed_tokens.weight")?;
+        let embed_tokens = Embedding::new(embed_weight.clone(), d);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let vbl = vbm.pp(format!("layers.{i}"));
+            let va = vbl.pp("self_attn");
+            let attn = Attention {
+                q_proj: linear(d, cfg.num_heads * hd, va.pp("q_proj"))?,
+                k_proj: linear(d, cfg.num_kv_heads * hd, va.pp("k_proj"))?,
+                v_proj: linear(d, cfg.num_kv_heads * hd, va.pp("v_proj"))?,
+                o_proj: linear(cfg.num_heads * hd, d, va.pp("o_proj"))?,
+                q_norm: if cfg.qk_norm() {
+                    Some(va.get(hd, "q_norm.weight")?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm() {
+                    Some(va.get(hd, "k_norm.weight")?)
+                } else {
+                    None
+                },
+            };
+            let vm = vbl.pp("mlp");
+            let mlp = Mlp {
+                gate_proj: linear(d, cfg.intermediate_size, vm.pp("gate_proj"))?,
+                up_proj: linear(d, cfg.intermediate_size, vm.pp("up_proj"))?,
+                down_proj: linear(cfg.intermediate_size, d, vm.pp("down_proj"))?,
+            };
+            layers.push(Layer {
+                input_layernorm: vbl.get(d, "input_layernorm.weight")?,
+                attn,
+                post_attention_layernorm: vbl.get(d, "post_attention_layernorm.weight")?,
+                mlp,
+            });
+        }
+        let norm = vbm.get(d, "norm.weight")?;
+        // Tied checkpoints usually omit lm_head.weight; use the embeddings then.
+        let lm_head = if !cfg.tie_word_embeddings && vb.contains_tensor("lm_head.weight") {
+            vb.get((cfg.vocab_size, d), "lm_head.weight")?
+        } else {
+            embed_weight
+        };
+        let (cos, sin) = rope_tables(cfg, vb.device())?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos: cos.to_dtype(vb.dtype())?,
+            sin: sin.to_dtype(vb.dtype())?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The architecture this decoder was built for.
+    pub fn config(&self) -> &ArchConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Token embeddings, `[batch, seq, hidden]`, for equally long rows of token ids.
+    pub fn embed(&self, rows: &[&[u32]]) -> Result<Tensor> {
+        let seq = rows.first().map_or(0, |r| r.len());
+        let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let ids = Tensor::from_vec(flat, (rows.len(), seq), &self.device)?;
+        Ok(self.embed_tokens.forward(&ids)?)
+    }
+
+    /// Runs layers `span.start_layer..` on `hidden` (that layer's resid_pre, `[batch, seq, hidden]`),
+    /// calling `hooks` at every site, and returns last-position logits.
+    pub fn forward(&self, hidden: Tensor, span: Span, hooks: &mut dyn Hooks) -> Result<Forward> {
+        let (batch, seq, _) = hidden.dims3()?;
+        let mask = causal_mask(seq, span.offset, &self.device, self.dtype)?;
+        let cos = self.cos.narrow(0, span.offset, seq)?;
+        let sin = self.sin.narrow(0, span.offset, seq)?;
+        let mut kv_out = Vec::new();
+        let mut x = hidden;
+        for (l, layer) in self.layers.iter().enumerate().skip(span.start_layer) {
+            x = hooks.visit(Site::ResidPre, l, span.offset, x)?;
+            let prefix = span.prefix.map(|p| &p[l]);
+            let normed = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps as f32)?;
+            let (attn, kv) = self.attention(&layer.attn, &normed, &cos, &sin, mask.as_ref(), prefix, batch)?;
+            let attn = hooks.visit(Site::AttnOut, l, span.offset, attn)?;
+            let mid = hooks.visit(Site::ResidMid, l, span.offset, (x + attn)?)?;
+            let normed = candle_nn::ops::rms_norm(&mid, &layer.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
+            let mlp = layer.mlp.down_proj.forward(
+                &(candle_nn::ops::silu(&layer.mlp.gate_proj.forward(&normed)?)?
+                    * layer.mlp.up_proj.forward(&normed)?)?,
+            )?;
+            let mlp = hooks.visit(Site::MlpOut, l, span.offset, mlp)?;
+            x = hooks.visit(Site::ResidPost, l, span.offset, (mid + mlp)?)?;
+            if span.keep_kv {
+                kv_out.push(kv);
+            }
+        }
+        let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?.contiguous()?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let last_logits = last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        Ok(Forward {
+            last_logits,
+            kv: kv_out,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        prefix: Option<&LayerKv>,
+        batch: usize,
+    ) -> Result<(Tensor, LayerKv)> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let hd = cfg.head_dim;
+        let q = attn.q_proj.forward(x)?.reshape((b, t, cfg.num_heads, hd))?;
+        let k = attn.k_proj.forward(x)?.reshape((b, t, cfg.num_kv_heads, hd))?;
+        let v = attn.v_proj.forward(x)?.reshape((b, t, cfg.num_kv_heads, hd))?;
+        let eps = cfg.rms_norm_eps as f32;
+        let q = match &attn.q_norm {
+            Some(w) => candle_nn::ops::rms_norm(&q.contiguous()?, w, eps)?,
+            None => q,
+        };
+        let k = match &attn.k_norm {
+            Some(w) => candle_nn::ops::rms_norm(&k.contiguous()?, w, eps)?,
+            None => k,
+        };
+        let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (k, v) = match prefix {
+            Some(p) => {
+                let expand = |t: &Tensor| -> Result<Tensor> {
+                    let (pb, h, s, d) = t.dims4()?;
+                    Ok(if pb == batch {
+                        t.clone()
+                    } else {
+                        t.broadcast_as((batch, h, s, d))?.contiguous()?
+                    })
+                };
+                (
+                    Tensor::cat(&[&expand(&p.k)?, &k], 2)?,
+                    Tensor::cat(&[&expand(&p.v)?, &v], 2)?,
+                )
+            }
+            None => (k, v),
+        };
+        let n_rep = cfg.num_heads / cfg.num_kv_heads;
+        let k_rep = candle_transformers::utils::repeat_kv(k.clone(), n_rep)?;
+        let v_rep = candle_transformers::utils::repeat_kv(v.clone(), n_rep)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k_rep.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v_rep)?; // [b, heads, t, hd]
+        let out = out.transpose(1, 2)?.reshape((b, t, cfg.num_heads * hd))?;
+        Ok((attn.o_proj.forward(&out)?, LayerKv { k, v }))
+    }
+}
+
+/// Additive causal mask `[seq, offset + seq]` for queries at positions `offset..offset+seq`;
+/// `None` when nothing needs masking (a single query sees everything before it).
+fn causal_mask(seq: usize, offset: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
+    if seq <= 1 {
+        return Ok(None);
+    }
+    let total = offset + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (seq, total), device)?.to_dtype(dtype)?))
+}
+
+/// RoPE cos/sin tables `[max_positions, head_dim / 2]` for the half-split rotation HF uses.
+fn rope_tables(cfg: &ArchConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let dim = cfg.head_dim;
+    let inv_freq: Vec<f64> = (0..dim / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim as f64))
+        .map(|f| scale_frequency(f, &cfg.rope_scaling))
+        .collect();
+    let positions = cfg.max_position_embeddings.max(1);
+    let mut cos = Vec::with_capacity(positions * dim / 2);
+    let mut sin = Vec::with_capacity(positions * dim / 2);
+    for p in 0..positions {
+        for f in &inv_freq {
+            // HF computes angles in f32: match it so long prompts round the same way.
+            let angle = (p as f32) * (*f as f32);
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    let shape = (positions, dim / 2);
+    Ok((
+        Tensor::from_vec(cos, shape, device)?,
+        Tensor::from_vec(sin, shape, device)?,
+    ))
+}
+
+/// Applies a checkpoint's rope scaling to one inverse frequency (HF `rope_init_fn`s).
+fn scale_frequency(inv_freq: f64, scaling: &RopeScaling) -> f64 {
+    match *scaling {
+        RopeScaling::Default => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq / factor,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_ctx,
+        } => {
+            let low_freq_wavelen = old_ctx / low_freq_factor;
+            let high_freq_wavelen = old_ctx / high_freq_factor;
+            let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+            if wavelen < high_freq_wavelen {
+                inv_freq
+            } else if wavelen > low_freq_wavelen {
+                inv_freq / factor
+            } else {
+                let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+            }
+        }
+    }
+}
+
+/// Indices of the `k` largest values of a 1-D f32 slice, largest first.
+pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| values[b as usize].total_cmp(&values[a as usize]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| values[b as usize].total_cmp(&values[a as usize]));
+    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+}
+
+/// Splits the last-position logits `[batch, vocab]` into per-row vectors.
+pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}

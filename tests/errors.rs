@@ -1,0 +1,301 @@
+//! Bad input gets a clear message, never a panic: through the library and through the CLI.
+
+mod common;
+
+use std::process::Command;
+
+use common::{TempDir, fixture_json, write_tiny_model};
+use patchbay::model::{DeviceChoice, Model, ModelSource};
+use patchbay::patching::Component;
+use patchbay::patching::sweep::{Sweep, SweepRequest};
+
+const CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
+const CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
+
+fn tiny_model(dir: &TempDir) -> Model {
+    let reference = fixture_json("tiny_reference.json");
+    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
+    Model::load(
+        &ModelSource::Folder(dir.0.clone()),
+        DeviceChoice::Cpu,
+        None,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn request(clean: &str, corrupted: &str, correct: &str, incorrect: &str) -> SweepRequest {
+    SweepRequest {
+        clean: clean.into(),
+        corrupted: corrupted.into(),
+        correct: correct.into(),
+        incorrect: incorrect.into(),
+        component: Component::ResidPost,
+    }
+}
+
+fn refusal(model: &Model, req: SweepRequest) -> String {
+    match Sweep::prepare(model, &req, 10) {
+        Ok(_) => panic!("expected a refusal for {req:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn sweep_input_refusals_explain_themselves() {
+    let dir = TempDir::new("refusals");
+    let model = tiny_model(&dir);
+
+    let msg = refusal(&model, request("", CORRUPTED, " John", " Mary"));
+    assert!(msg.contains("clean prompt is empty"), "{msg}");
+    let msg = refusal(&model, request(CLEAN, "   ", " John", " Mary"));
+    assert!(msg.contains("corrupted prompt is empty"), "{msg}");
+
+    let msg = refusal(
+        &model,
+        request(
+            CLEAN,
+            "After John and Mary went to the shop, John gave milk to",
+            " John",
+            " Mary",
+        ),
+    );
+    assert!(msg.contains("different token lengths"), "{msg}");
+    assert!(msg.contains("clean 16"), "{msg}");
+    assert!(msg.contains("[9]\" Mary\""), "shows the clean tokens: {msg}");
+
+    let msg = refusal(&model, request(CLEAN, CORRUPTED, " Johnathan", " Mary"));
+    assert!(
+        msg.contains("correct answer \" Johnathan\" is") && msg.contains("exactly one token"),
+        "{msg}"
+    );
+    assert!(msg.contains("\" John\" + "), "shows how it tokenizes: {msg}");
+
+    let msg = refusal(&model, request(CLEAN, CORRUPTED, " John", ""));
+    assert!(msg.contains("incorrect answer is empty"), "{msg}");
+
+    let msg = refusal(&model, request(CLEAN, CORRUPTED, " John", " John"));
+    assert!(msg.contains("same token"), "{msg}");
+}
+
+#[test]
+fn equal_logit_differences_are_reported_not_divided_by() {
+    let dir = TempDir::new("equal-ld");
+    let model = tiny_model(&dir);
+    let sweep = Sweep::prepare(&model, &request(CLEAN, CLEAN, " John", " Mary"), 10).unwrap();
+    assert_eq!(sweep.result().clean_logit_diff, sweep.result().corrupted_logit_diff);
+    assert!(sweep.result().warnings.iter().any(|w| w.contains("undefined")));
+    let result = sweep
+        .run(
+            &Default::default(),
+            &std::sync::atomic::AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(result.values.iter().flatten().all(|v| v.is_none()));
+    assert!(result.patched_logit_diff.iter().flatten().all(|v| v.is_some()));
+}
+
+fn load_error(source: ModelSource) -> String {
+    match Model::load(&source, DeviceChoice::Cpu, None, &mut |_| {}) {
+        Ok(_) => panic!("expected {source:?} to fail"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_and_corrupt_model_files_are_reported_with_their_path() {
+    let msg = ModelSource::parse("/nonexistent/model.gguf").unwrap_err().to_string();
+    assert!(
+        msg.contains("model not found") && msg.contains("/nonexistent/model.gguf"),
+        "{msg}"
+    );
+
+    let dir = TempDir::new("corrupt");
+    let model_dir = dir.0.join("m");
+    let reference = fixture_json("tiny_reference.json");
+    write_tiny_model(&model_dir, &reference["models"][0]["config"]);
+
+    // Truncated weights.
+    let weights = model_dir.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = load_error(ModelSource::Folder(model_dir.clone()));
+    assert!(
+        msg.contains("truncated or corrupt") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
+
+    // Missing tokenizer.
+    std::fs::write(&weights, &bytes).unwrap();
+    std::fs::remove_file(model_dir.join("tokenizer.json")).unwrap();
+    let msg = load_error(ModelSource::Folder(model_dir.clone()));
+    assert!(msg.contains("tokenizer.json is missing"), "{msg}");
+
+    // Unsupported architecture.
+    let mut config = reference["models"][0]["config"].clone();
+    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    std::fs::write(model_dir.join("config.json"), config.to_string()).unwrap();
+    let msg = load_error(ModelSource::Folder(model_dir.clone()));
+    assert!(
+        msg.contains("GPT2LMHeadModel") && msg.contains("Qwen3ForCausalLM") && msg.contains("LlamaForCausalLM"),
+        "{msg}"
+    );
+
+    // Not a GGUF file.
+    let fake = dir.0.join("fake.gguf");
+    std::fs::write(&fake, b"this is not a gguf file at all").unwrap();
+    let msg = load_error(ModelSource::Gguf(fake));
+    assert!(
+        msg.contains("not a readable GGUF file") && msg.contains("fake.gguf"),
+        "{msg}"
+    );
+}
+
+fn patchbay(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchbay"));
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("patchbay runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_unknown_repo_offline_says_so_without_panicking() {
+    let cache = TempDir::new("empty-hf-cache");
+    let cache_path = cache.0.to_string_lossy().into_owned();
+    let (code, _, stderr) = patchbay(
+        &[
+            "sweep",
+            "--model",
+            "nobody/no-such-model",
+            "--clean",
+            CLEAN,
+            "--corrupted",
+            CORRUPTED,
+            "--correct",
+            " John",
+            "--incorrect",
+            " Mary",
+        ],
+        &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", &cache_path)],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("'nobody/no-such-model' is not in the Hugging Face cache"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn cli_cuda_without_cuda_is_explained() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = TempDir::new("cli-cuda");
+    let reference = fixture_json("tiny_reference.json");
+    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
+    let model = dir.0.to_string_lossy().into_owned();
+    let (code, _, stderr) = patchbay(
+        &[
+            "sweep",
+            "--model",
+            &model,
+            "--device",
+            "cuda",
+            "--clean",
+            CLEAN,
+            "--corrupted",
+            CORRUPTED,
+            "--correct",
+            " John",
+            "--incorrect",
+            " Mary",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("no CUDA support") && stderr.contains("--features cuda"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cli_sweep_writes_json_csv_npy_and_refuses_multi_token_answers() {
+    let dir = TempDir::new("cli-sweep");
+    let reference = fixture_json("tiny_reference.json");
+    let model_dir = dir.0.join("model");
+    write_tiny_model(&model_dir, &reference["models"][1]["config"]);
+    let model = model_dir.to_string_lossy().into_owned();
+    let out = dir.0.join("r.json");
+    let csv = dir.0.join("r.csv");
+    let npy = dir.0.join("r.npy");
+    let (code, stdout, stderr) = patchbay(
+        &[
+            "sweep",
+            "--model",
+            &model,
+            "--clean",
+            CLEAN,
+            "--corrupted",
+            CORRUPTED,
+            "--correct",
+            " John",
+            "--incorrect",
+            " Mary",
+            "--component",
+            "mlp_out",
+            "--out",
+            out.to_str().unwrap(),
+            "--csv",
+            csv.to_str().unwrap(),
+            "--npy",
+            npy.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("mlp_out patching"), "{stdout}");
+    assert!(stderr.contains("cells"), "progress bar on stderr: {stderr}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(json["component"], "mlp_out");
+    assert_eq!(json["shape"], serde_json::json!([3, 16]));
+    assert_eq!(json["clean"]["token_ids"].as_array().unwrap().len(), 16);
+    let expected = reference["models"][1]["patched_logit_diff"]["mlp_out"][2][15]
+        .as_f64()
+        .unwrap();
+    assert!((json["patched_logit_diff"][2][15].as_f64().unwrap() - expected).abs() < 2e-4);
+    let csv_text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv_text.lines().count(), 1 + 3 * 16);
+    let npy_bytes = std::fs::read(&npy).unwrap();
+    assert!(npy_bytes.starts_with(b"\x93NUMPY"));
+    assert_eq!(npy_bytes.len() % 16, (128 + 3 * 16 * 8) % 16);
+
+    let (code, _, stderr) = patchbay(
+        &[
+            "sweep",
+            "--model",
+            &model,
+            "--clean",
+            CLEAN,
+            "--corrupted",
+            CORRUPTED,
+            "--correct",
+            " Johnathan",
+            "--incorrect",
+            " Mary",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("exactly one token"), "{stderr}");
+}
