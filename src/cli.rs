@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Patch one component over every layer × position and report the normalized logit difference.
-    Sweep(SweepArgs),
+    Sweep(Box<SweepArgs>),
     /// Show how prompts and answers tokenize, with positions.
     Tokenize(TokenizeArgs),
     /// Show a model's architecture and where it was loaded from.
@@ -137,7 +137,7 @@ pub fn load_model(args: &ModelArgs, quiet: bool) -> Result<Model> {
 /// Runs a parsed command.
 pub fn run(command: Command) -> Result<()> {
     match command {
-        Command::Sweep(args) => sweep(args),
+        Command::Sweep(args) => sweep(*args),
         Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
     }

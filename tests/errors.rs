@@ -55,7 +55,7 @@ fn sweep_input_refusals_explain_themselves() {
         &model,
         request(
             CLEAN,
-            "After John and Mary went to the shop, John gave milk to",
+            "After John and Mary went to the big store, John gave a bottle of milk to",
             " John",
             " Mary",
         ),

@@ -1,7 +1,6 @@
 //! One architecture description for every supported checkpoint, read from an HF `config.json`
 //! or from GGUF metadata.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
@@ -236,13 +235,13 @@ impl ArchConfig {
                 self.num_heads, self.num_kv_heads, self.head_dim, self.num_layers
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} is odd; rotary embeddings need it even",
                 self.head_dim
@@ -290,14 +289,4 @@ fn parse_rope_scaling(scaling: Option<&serde_json::Value>) -> Result<RopeScaling
             "rope scaling '{other}' is not supported (supported: default, linear, llama3)"
         ))),
     }
-}
-
-/// Reads GGUF metadata keys as a flat map of strings, for `patchbay info`.
-pub fn gguf_metadata_summary(content: &gguf_file::Content) -> HashMap<String, String> {
-    content
-        .metadata
-        .iter()
-        .filter(|(k, _)| !k.starts_with("tokenizer.ggml."))
-        .map(|(k, v)| (k.clone(), format!("{v:?}")))
-        .collect()
 }
