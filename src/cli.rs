@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::export::data;
+use crate::export::{data, figure};
 use crate::model::{DEFAULT_MODEL, DeviceChoice, LoadProgress, Model, ModelSource, parse_dtype};
 use crate::patching::Component;
 use crate::patching::result::SweepResult;
@@ -31,6 +31,22 @@ pub enum Command {
     Tokenize(TokenizeArgs),
     /// Show a model's architecture and where it was loaded from.
     Info(ModelArgs),
+    /// Open the desktop app (the default when no command is given).
+    Gui(GuiArgs),
+}
+
+/// `patchbay gui`.
+#[derive(Debug, Args, Default)]
+pub struct GuiArgs {
+    /// Load this model at start (a Hub repo id, a folder or a .gguf file) instead of the last one used.
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// The demo model offered when the chosen one cannot be loaded (default: the fetched SmolLM2 GGUF).
+    #[arg(long)]
+    pub demo_model: Option<PathBuf>,
+    /// Run a sweep with the current prompts as soon as the model has loaded.
+    #[arg(long)]
+    pub run: bool,
 }
 
 /// Which model, on which device.
@@ -85,6 +101,12 @@ pub struct SweepArgs {
     /// Write the normalized matrix as .npy (layers × positions, float64).
     #[arg(long)]
     pub npy: Option<PathBuf>,
+    /// Save the heatmap figure as PNG.
+    #[arg(long)]
+    pub png: Option<PathBuf>,
+    /// Save the heatmap figure as SVG.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -140,6 +162,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Sweep(args) => sweep(*args),
         Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
+        Command::Gui(args) => gui(args),
     }
 }
 
@@ -156,7 +179,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
         top_k: args.top_k,
         batch_cells: args.batch,
     };
-    for p in [&args.out, &args.csv, &args.npy].into_iter().flatten() {
+    for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg].into_iter().flatten() {
         check_writable(p)?;
     }
     let model = load_model(&args.model, args.quiet)?;
@@ -223,7 +246,10 @@ fn sweep(args: SweepArgs) -> Result<()> {
         t.load_seconds.unwrap_or_default()
     );
     data::save(&result, args.out.as_deref(), args.csv.as_deref(), args.npy.as_deref())?;
-    for p in [&args.out, &args.csv, &args.npy].into_iter().flatten() {
+    for p in [&args.png, &args.svg].into_iter().flatten() {
+        figure::save(&result, p, None)?;
+    }
+    for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg].into_iter().flatten() {
         let _ = writeln!(out, "wrote     {}", p.display());
     }
     Ok(())
@@ -342,4 +368,28 @@ fn info(args: ModelArgs) -> Result<()> {
     println!("dtype/device   {} on {}", model.dtype_name(), model.device_name());
     println!("loaded in      {:.2} s", model.load_seconds);
     Ok(())
+}
+
+/// Opens the desktop app.
+pub fn gui(args: GuiArgs) -> Result<()> {
+    let start = crate::app::StartOptions {
+        model: args.model,
+        demo_model: args.demo_model,
+        fresh: false,
+        run_on_load: args.run,
+    };
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Patchbay")
+            .with_app_id("patchbay")
+            .with_inner_size([1400.0, 860.0])
+            .with_min_inner_size([900.0, 560.0]),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "Patchbay",
+        options,
+        Box::new(move |cc| Ok(Box::new(crate::app::PatchbayApp::new(cc, start)))),
+    )
+    .map_err(|e| Error::Device(format!("cannot open the window ({e}); is a display available (DISPLAY / WAYLAND_DISPLAY)?")))
 }

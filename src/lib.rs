@@ -5,10 +5,12 @@
 //! - [`patching`]: sweeps over layers × positions with the normalized logit-difference metric;
 //! - [`export`]: results as JSON, CSV and NPY.
 
+pub mod app;
 pub mod cli;
 pub mod error;
 pub mod export;
 pub mod model;
 pub mod patching;
+pub mod worker;
 
 pub use error::{Error, Result};

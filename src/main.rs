@@ -5,10 +5,7 @@ use patchbay::cli::{self, Cli};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let Some(command) = cli.command else {
-        eprintln!("usage: patchbay <sweep|tokenize|info> … (see patchbay --help)");
-        return std::process::ExitCode::from(2);
-    };
+    let command = cli.command.unwrap_or(cli::Command::Gui(Default::default()));
     match cli::run(command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -1,3 +1,5 @@
-//! Writing results: data files that load straight into a notebook.
+//! Writing results: data files that load straight into a notebook, and figures.
 
+pub mod colormap;
 pub mod data;
+pub mod figure;

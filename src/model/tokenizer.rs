@@ -23,6 +23,7 @@ const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Turns text into token ids the way the model was trained, and ids back into display strings.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     /// A BOS id to prepend to prompts when the tokenizer itself does not (GGUF `add_bos_token`).

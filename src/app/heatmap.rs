@@ -1,0 +1,256 @@
+//! The live heatmap: one texture pixel per cell (NEAREST filtering), re-uploaded when cells arrive,
+//! shown in an egui_plot with token and layer axes, our own hit-testing, and a colorbar.
+//! (egui_plot's `Heatmap` lays out a label per cell per frame and panics on min ≥ max.)
+
+use egui::{Color32, ColorImage, TextureHandle, TextureOptions, Ui, Vec2};
+use egui_plot::{GridInput, GridMark, Line, Plot, PlotImage, PlotPoint};
+
+use crate::export::colormap::{DEFAULT_RANGE, auto_range, rdbu};
+use crate::patching::result::SweepResult;
+
+/// Colour of cells not computed yet.
+pub const PENDING: Color32 = Color32::from_gray(60);
+const COLORBAR_WIDTH: f32 = 64.0;
+
+/// What the user did with the heatmap this frame.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HeatmapResponse {
+    /// (layer, position) under the pointer.
+    pub hovered: Option<(usize, usize)>,
+    /// (layer, position) clicked.
+    pub clicked: Option<(usize, usize)>,
+}
+
+/// Texture and view state of the heatmap.
+#[derive(Default)]
+pub struct Heatmap {
+    texture: Option<TextureHandle>,
+    dirty: bool,
+    reset_view: bool,
+    /// Scale colours to the largest |value| instead of the fixed [-1, 1].
+    pub auto_range: bool,
+    transform: Option<egui_plot::PlotTransform>,
+}
+
+/// The colour range in use for a result.
+pub fn color_range(result: &SweepResult, auto: bool) -> f64 {
+    if auto { auto_range(result.values.iter().flatten()) } else { DEFAULT_RANGE }
+}
+
+/// Plot y coordinate of a layer's centre: layer 0 at the top, as px.imshow draws it.
+fn layer_y(layer: usize) -> f64 {
+    -(layer as f64) - 0.5
+}
+
+/// Position labels "John_1"; tokens that differ between the prompts show both.
+pub fn position_labels(result: &SweepResult) -> Vec<String> {
+    result
+        .clean
+        .tokens
+        .iter()
+        .zip(&result.corrupted.tokens)
+        .enumerate()
+        .map(|(i, (c, k))| {
+            if c == k {
+                format!("{}_{i}", c.trim())
+            } else {
+                format!("{}/{}_{i}", c.trim(), k.trim())
+            }
+        })
+        .collect()
+}
+
+fn unit_marks(input: GridInput, centre: impl Fn(f64) -> Option<f64>) -> Vec<GridMark> {
+    let (lo, hi) = input.bounds;
+    let span = (hi - lo).max(1.0);
+    // Fewer labels when zoomed out far: keep roughly ≥ 1 mark per base step.
+    let step = (input.base_step_size.max(1.0).log2().ceil().exp2()).max(1.0) as i64;
+    let step = if span > 60.0 { step.max(2) } else { step };
+    (lo.floor() as i64 - 1..=hi.ceil() as i64 + 1)
+        .filter(|i| i.rem_euclid(step) == 0)
+        .filter_map(|i| centre(i as f64).map(|value| GridMark { value, step_size: step as f64 }))
+        .collect()
+}
+
+impl Heatmap {
+    /// A heatmap with fixed ([-1, 1]) or data-driven colour range.
+    pub fn with_auto_range(auto_range: bool) -> Self {
+        Self {
+            auto_range,
+            ..Self::default()
+        }
+    }
+
+    /// Cells changed: re-upload the texture next frame.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Screen position of a cell's centre in the last drawn frame.
+    pub fn cell_screen_pos(&self, layer: usize, position: usize) -> Option<egui::Pos2> {
+        let t = self.transform.as_ref()?;
+        Some(t.position_from_point(&PlotPoint::new(position as f64 + 0.5, layer_y(layer))))
+    }
+
+    /// Fit the whole grid in view next frame.
+    pub fn reset_view(&mut self) {
+        self.reset_view = true;
+    }
+
+    fn image(result: &SweepResult, range: f64) -> ColorImage {
+        let (layers, positions) = (result.layers(), result.positions());
+        let mut pixels = Vec::with_capacity(layers * positions);
+        for l in 0..layers {
+            for p in 0..positions {
+                let color = match (result.values[l][p], result.patched_logit_diff[l][p]) {
+                    (Some(v), _) => {
+                        let [r, g, b] = rdbu(v, range);
+                        Color32::from_rgb(r, g, b)
+                    }
+                    (None, Some(_)) => Color32::from_gray(247), // computed, metric undefined
+                    (None, None) => PENDING,
+                };
+                pixels.push(color);
+            }
+        }
+        ColorImage::new([positions.max(1), layers.max(1)], pixels)
+    }
+
+    /// Draws the heatmap with its colorbar and returns hover/click.
+    pub fn show(&mut self, ui: &mut Ui, result: &SweepResult, selected: Option<(usize, usize)>) -> HeatmapResponse {
+        let range = color_range(result, self.auto_range);
+        if self.texture.is_none() || self.dirty {
+            let image = Self::image(result, range);
+            match &mut self.texture {
+                Some(t) if t.size() == image.size => t.set(image, TextureOptions::NEAREST),
+                _ => self.texture = Some(ui.ctx().load_texture("patchbay-heatmap", image, TextureOptions::NEAREST)),
+            }
+            self.dirty = false;
+        }
+        let (layers, positions) = (result.layers(), result.positions());
+        let labels = position_labels(result);
+        let mut out = HeatmapResponse::default();
+        let avail = ui.available_size();
+        ui.horizontal(|ui| {
+            let plot_size = Vec2::new((avail.x - COLORBAR_WIDTH - 8.0).max(100.0), avail.y.max(100.0));
+            ui.allocate_ui(plot_size, |ui| {
+                let x_labels = labels.clone();
+                let mut plot = Plot::new("heatmap")
+                    .width(plot_size.x)
+                    .height(plot_size.y)
+                    .show_grid(false)
+                    .allow_double_click_reset(true)
+                    .default_x_bounds(0.0, positions as f64)
+                    .default_y_bounds(-(layers as f64), 0.0)
+                    .x_grid_spacer(move |input| {
+                        unit_marks(input, |i| (i >= 0.0 && i < positions as f64).then_some(i + 0.5))
+                    })
+                    .y_grid_spacer(move |input| {
+                        unit_marks(input, |i| {
+                            let layer = -i - 1.0;
+                            (layer >= 0.0 && layer < layers as f64).then_some(i + 0.5)
+                        })
+                    })
+                    .x_axis_formatter(move |mark, _| {
+                        let p = (mark.value - 0.5).round();
+                        if p >= 0.0 && (p as usize) < x_labels.len() { x_labels[p as usize].clone() } else { String::new() }
+                    })
+                    .y_axis_formatter(|mark, _| format!("{}", (-mark.value - 0.5).round() as i64))
+                    .x_axis_label("position (clean/corrupted token)")
+                    .y_axis_label("layer")
+                    .label_formatter(|_| None)
+                    .show_x(false)
+                    .show_y(false);
+                if std::mem::take(&mut self.reset_view) {
+                    plot = plot.reset();
+                }
+                let texture = self.texture.as_ref().map(|t| t.id());
+                let response = plot.show(ui, |plot_ui| {
+                    if let Some(id) = texture {
+                        plot_ui.image(PlotImage::new(
+                            "cells",
+                            id,
+                            PlotPoint::new(positions as f64 / 2.0, -(layers as f64) / 2.0),
+                            Vec2::new(positions as f32, layers as f32),
+                        ));
+                    }
+                    if let Some((l, p)) = selected {
+                        let (x0, x1) = (p as f64, p as f64 + 1.0);
+                        let (y0, y1) = (layer_y(l) - 0.5, layer_y(l) + 0.5);
+                        plot_ui.line(
+                            Line::new("selected", vec![[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+                                .color(Color32::from_rgb(255, 200, 0))
+                                .width(3.0),
+                        );
+                    }
+                    plot_ui.pointer_coordinate()
+                });
+                if let Some(pt) = response.inner {
+                    let (p, l) = (pt.x.floor(), (-pt.y).floor());
+                    if p >= 0.0 && l >= 0.0 && (p as usize) < positions && (l as usize) < layers {
+                        out.hovered = Some((l as usize, p as usize));
+                    }
+                }
+                self.transform = Some(response.transform);
+                let plot_response = response.response;
+                if plot_response.clicked() {
+                    out.clicked = out.hovered;
+                }
+                if let Some((l, p)) = out.hovered {
+                    plot_response.on_hover_ui_at_pointer(|ui| cell_tooltip(ui, result, &labels, l, p));
+                }
+            });
+            colorbar(ui, range, plot_size.y);
+        });
+        out
+    }
+}
+
+fn cell_tooltip(ui: &mut Ui, r: &SweepResult, labels: &[String], l: usize, p: usize) {
+    ui.label(egui::RichText::new(format!("layer {l}, position {p}: {}", labels[p])).strong());
+    match (r.skipped[l][p], r.values[l][p], r.patched_logit_diff[l][p]) {
+        (true, _, _) => {
+            ui.label("skipped: before the first differing token, patching is an exact no-op (value 0)");
+        }
+        (false, v, Some(raw)) => {
+            ui.label(format!(
+                "normalized {}",
+                v.map(|v| format!("{v:+.4}")).unwrap_or_else(|| "undefined".into())
+            ));
+            ui.label(format!("patched LD {raw:+.4}"));
+        }
+        (false, _, None) => {
+            ui.label("not computed yet");
+        }
+    }
+}
+
+fn colorbar(ui: &mut Ui, range: f64, height: f32) {
+    let (rect, _) = ui.allocate_exact_size(Vec2::new(COLORBAR_WIDTH, height), egui::Sense::hover());
+    let painter = ui.painter_at(rect);
+    let bar = egui::Rect::from_min_size(rect.min + Vec2::new(4.0, 12.0), Vec2::new(16.0, (height - 40.0).max(40.0)));
+    let steps = 64;
+    for i in 0..steps {
+        let t0 = i as f32 / steps as f32;
+        let v = range * (1.0 - 2.0 * (f64::from(i) + 0.5) / f64::from(steps));
+        let [r, g, b] = rdbu(v, range);
+        let y0 = bar.top() + t0 * bar.height();
+        painter.rect_filled(
+            egui::Rect::from_min_max(egui::pos2(bar.left(), y0), egui::pos2(bar.right(), y0 + bar.height() / steps as f32 + 0.5)),
+            0.0,
+            Color32::from_rgb(r, g, b),
+        );
+    }
+    let text = ui.visuals().text_color();
+    for k in 0..=4 {
+        let v = range * (1.0 - 0.5 * f64::from(k));
+        let y = bar.top() + bar.height() * k as f32 / 4.0;
+        painter.text(
+            egui::pos2(bar.right() + 4.0, y),
+            egui::Align2::LEFT_CENTER,
+            format!("{v:+.1}"),
+            egui::FontId::proportional(11.0),
+            text,
+        );
+    }
+}

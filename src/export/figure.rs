@@ -1,0 +1,199 @@
+//! Standalone figures of a sweep (PNG and SVG), drawn from the data rather than grabbed from the
+//! window: title naming model, component and metric; token tick labels; layer axis; colorbar.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::colormap::{DEFAULT_RANGE, rdbu};
+use super::data::write_atomic;
+use crate::error::{Error, Result};
+use crate::patching::result::SweepResult;
+
+const FONT: &str = "sans-serif";
+const CELL_W: i32 = 44;
+const CELL_H: i32 = 22;
+const LEFT: i32 = 90;
+const TOP: i32 = 96;
+const COLORBAR_GAP: i32 = 30;
+const COLORBAR_W: i32 = 22;
+const RIGHT: i32 = 110;
+const BOTTOM: i32 = 150;
+/// Colour of cells not computed (cancelled sweeps).
+const MISSING: RGBColor = RGBColor(200, 200, 200);
+
+fn register_fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // egui's bundled font: no system fonts needed, same look on every machine.
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT);
+        let _ = plotters::style::register_font(FONT, FontStyle::Bold, epaint_default_fonts::UBUNTU_LIGHT);
+    });
+}
+
+/// Pixel size of the figure for a result.
+pub fn figure_size(result: &SweepResult) -> (u32, u32) {
+    let w = LEFT + CELL_W * result.positions() as i32 + COLORBAR_GAP + COLORBAR_W + RIGHT;
+    let h = TOP + CELL_H * result.layers() as i32 + BOTTOM;
+    (w.max(520) as u32, h as u32)
+}
+
+/// The figure's title.
+pub fn title(result: &SweepResult) -> String {
+    format!(
+        "{} — {} patching, normalized logit difference",
+        result.model.id, result.component
+    )
+}
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, r: &SweepResult, range: f64) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| Error::Input(format!("drawing the figure failed: {e}"));
+    root.fill(&WHITE).map_err(err)?;
+    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
+    let text = |size: f64| TextStyle::from((FONT, size).into_font()).color(&BLACK);
+
+    root.draw(&Text::new(title(r), (LEFT, 18), text(20.0))).map_err(err)?;
+    let subtitle = format!(
+        "clean: {:?} → {:?} (LD {:+.3})   corrupted: {:?} → {:?} (LD {:+.3})   LD = logit({:?}) − logit({:?})",
+        r.clean.text, r.correct.token, r.clean_logit_diff, r.corrupted.text, r.incorrect.token, r.corrupted_logit_diff,
+        r.correct.token, r.incorrect.token
+    );
+    root.draw(&Text::new(subtitle, (LEFT, 48), text(12.0).color(&RGBColor(80, 80, 80))))
+        .map_err(err)?;
+
+    // Cells: layer 0 at the top, as px.imshow draws a [layer, pos] matrix.
+    for l in 0..layers {
+        for p in 0..positions {
+            let color = match r.values[l as usize][p as usize] {
+                Some(v) => {
+                    let [red, g, b] = rdbu(v, range);
+                    RGBColor(red, g, b)
+                }
+                None if r.patched_logit_diff[l as usize][p as usize].is_some() => RGBColor(247, 247, 247),
+                None => MISSING,
+            };
+            let (x, y) = (LEFT + p * CELL_W, TOP + l * CELL_H);
+            root.draw(&Rectangle::new([(x, y), (x + CELL_W, y + CELL_H)], color.filled()))
+                .map_err(err)?;
+        }
+    }
+    let grid_bottom = TOP + layers * CELL_H;
+    root.draw(&Rectangle::new([(LEFT, TOP), (LEFT + positions * CELL_W, grid_bottom)], BLACK.stroke_width(1)))
+        .map_err(err)?;
+
+    // Layer ticks (every layer when they fit, else every other one).
+    let step = if CELL_H >= 14 { 1 } else { 2 };
+    let right_aligned = text(12.0).pos(Pos::new(HPos::Right, VPos::Center));
+    for l in (0..layers).step_by(step) {
+        root.draw(&Text::new(format!("{l}"), (LEFT - 8, TOP + l * CELL_H + CELL_H / 2), right_aligned.clone()))
+            .map_err(err)?;
+    }
+    let vertical = TextStyle::from((FONT, 14.0).into_font().transform(FontTransform::Rotate270)).color(&BLACK);
+    root.draw(&Text::new("Layer", (LEFT - 60, TOP + layers * CELL_H / 2 + 20), vertical))
+        .map_err(err)?;
+
+    // Token ticks, vertical, "John_1"; tokens that differ show both.
+    let tick = TextStyle::from((FONT, 12.0).into_font().transform(FontTransform::Rotate270))
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Right, VPos::Center));
+    for p in 0..positions {
+        let (c, k) = (&r.clean.tokens[p as usize], &r.corrupted.tokens[p as usize]);
+        let label = if c == k {
+            format!("{}_{p}", c.trim())
+        } else {
+            format!("{}/{}_{p}", c.trim(), k.trim())
+        };
+        let label: String = label.chars().take(22).collect();
+        root.draw(&Text::new(label, (LEFT + p * CELL_W + CELL_W / 2, grid_bottom + 8), tick.clone()))
+            .map_err(err)?;
+    }
+    root.draw(&Text::new(
+        "Position (clean token / corrupted token)",
+        (LEFT, grid_bottom + BOTTOM - 24),
+        text(14.0),
+    ))
+    .map_err(err)?;
+
+    // Colorbar.
+    let bar_x = LEFT + positions * CELL_W + COLORBAR_GAP;
+    let bar_h = (layers * CELL_H).max(120);
+    for i in 0..bar_h {
+        let v = range * (1.0 - 2.0 * f64::from(i) / f64::from(bar_h - 1));
+        let [red, g, b] = rdbu(v, range);
+        root.draw(&Rectangle::new(
+            [(bar_x, TOP + i), (bar_x + COLORBAR_W, TOP + i + 1)],
+            RGBColor(red, g, b).filled(),
+        ))
+        .map_err(err)?;
+    }
+    root.draw(&Rectangle::new([(bar_x, TOP), (bar_x + COLORBAR_W, TOP + bar_h)], BLACK.stroke_width(1)))
+        .map_err(err)?;
+    let left_aligned = text(12.0).pos(Pos::new(HPos::Left, VPos::Center));
+    for k in 0..=4 {
+        let v = range * (1.0 - 0.5 * f64::from(k));
+        let y = TOP + (f64::from(bar_h) * f64::from(k) / 4.0) as i32;
+        root.draw(&PathElement::new(vec![(bar_x + COLORBAR_W, y), (bar_x + COLORBAR_W + 4, y)], BLACK))
+            .map_err(err)?;
+        root.draw(&Text::new(format!("{v:+.2}"), (bar_x + COLORBAR_W + 8, y), left_aligned.clone()))
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// The figure as SVG text.
+pub fn to_svg(result: &SweepResult, range: f64) -> Result<String> {
+    register_fonts();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, figure_size(result)).into_drawing_area();
+        draw(root, result, range)?;
+    }
+    Ok(svg)
+}
+
+/// The figure as PNG bytes, at `scale` × the base size (2 for slides).
+pub fn to_png(result: &SweepResult, range: f64) -> Result<Vec<u8>> {
+    register_fonts();
+    let (w, h) = figure_size(result);
+    let mut rgb = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        draw(root, result, range)?;
+    }
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, w, h);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder
+            .write_header()
+            .map_err(|e| Error::Input(format!("encoding PNG failed: {e}")))?;
+        writer
+            .write_image_data(&rgb)
+            .map_err(|e| Error::Input(format!("encoding PNG failed: {e}")))?;
+    }
+    Ok(out)
+}
+
+/// Saves the figure; the format follows the extension (.png or .svg).
+pub fn save(result: &SweepResult, path: &Path, range: Option<f64>) -> Result<()> {
+    let range = range.unwrap_or(DEFAULT_RANGE);
+    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let bytes = match ext.as_str() {
+        "png" => to_png(result, range)?,
+        "svg" => to_svg(result, range)?.into_bytes(),
+        _ => {
+            return Err(Error::Io {
+                message: "figures are saved as .png or .svg".into(),
+                path: path.to_owned(),
+            });
+        }
+    };
+    write_atomic(path, &bytes)
+}

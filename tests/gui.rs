@@ -1,0 +1,180 @@
+//! The real app driven headlessly with egui_kittest: type prompts, run a sweep on a small model,
+//! click a cell, cancel, and see each bad input's message.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TempDir, fixture_json, smollm2_gguf, write_tiny_model};
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use patchbay::app::{PatchbayApp, StartOptions};
+use patchbay::patching::sweep::{Schedule, SweepOptions};
+
+const CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
+const CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
+const WAIT: Duration = Duration::from_secs(120);
+
+fn harness(model: &str) -> Harness<'static, PatchbayApp> {
+    let start = StartOptions {
+        model: Some(model.to_owned()),
+        demo_model: None,
+        fresh: true,
+        run_on_load: false,
+    };
+    Harness::builder()
+        .with_size(egui::vec2(1400.0, 860.0))
+        .with_max_steps(100_000)
+        .build_eframe(move |cc| PatchbayApp::new(cc, start))
+}
+
+/// Steps the app until `done` holds (the worker runs in real time).
+fn wait_until(h: &mut Harness<'static, PatchbayApp>, what: &str, done: impl Fn(&PatchbayApp) -> bool) {
+    let start = Instant::now();
+    while !done(h.state()) {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.run_steps(3);
+}
+
+fn tiny_model(dir: &TempDir) -> String {
+    let reference = fixture_json("tiny_reference.json");
+    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
+    dir.0.to_string_lossy().into_owned()
+}
+
+fn click_at(h: &mut Harness<'static, PatchbayApp>, pos: egui::Pos2) {
+    h.hover_at(pos);
+    h.step();
+    for pressed in [true, false] {
+        h.event(egui::Event::PointerButton {
+            pos,
+            button: egui::PointerButton::Primary,
+            pressed,
+            modifiers: egui::Modifiers::NONE,
+        });
+        h.step();
+    }
+    h.run_steps(2);
+}
+
+#[test]
+fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
+    let dir = TempDir::new("gui-sweep");
+    let mut h = harness(&tiny_model(&dir));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+
+    // Type the prompts as a user would.
+    h.state_mut().settings_mut().clean.clear();
+    h.state_mut().settings_mut().corrupted.clear();
+    h.run_steps(2);
+    h.get_by_label("Clean prompt").click();
+    h.run_steps(1);
+    h.get_by_label("Clean prompt").type_text(CLEAN);
+    h.run_steps(2);
+    h.get_by_label("Corrupted prompt").click();
+    h.run_steps(1);
+    h.get_by_label("Corrupted prompt").type_text(CORRUPTED);
+    h.run_steps(3);
+    assert_eq!(h.state_mut().settings_mut().clean, CLEAN);
+    assert_eq!(h.state_mut().settings_mut().corrupted, CORRUPTED);
+    // The token chips show the differing position.
+    assert!(h.query_by_label_contains("position 9, token id").is_some());
+
+    h.get_by_label("▶ Run").click();
+    wait_until(&mut h, "the sweep to finish", |a| a.result().is_some_and(|r| r.complete) && !a.is_busy());
+    let result = h.state().result().unwrap().clone();
+    assert_eq!(result.shape, [3, 16]);
+    assert_eq!(result.done_cells(), 48);
+
+    // Click the cell at layer 2, last position.
+    let pos = h.state().cell_screen_pos(2, 15).expect("heatmap drawn");
+    click_at(&mut h, pos);
+    assert_eq!(h.state().selected(), Some((2, 15)));
+    assert!(h.query_by_label_contains("layer 2, position 15").is_some(), "inspector names the cell");
+    let top = &result.top_k[2][15][0];
+    assert!(h.query_by_label(&format!("{:?}", top.token)).is_some(), "inspector lists the patched run's top token");
+    assert!(h.query_by_label("patched run").is_some());
+
+    // Arrow keys move the selection.
+    h.key_press(egui::Key::ArrowUp);
+    h.run_steps(2);
+    assert_eq!(h.state().selected(), Some((1, 15)));
+}
+
+#[test]
+fn bad_inputs_show_their_messages() {
+    let dir = TempDir::new("gui-bad");
+    let mut h = harness(&tiny_model(&dir));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+
+    // A multi-token answer is flagged and Run is disabled.
+    h.state_mut().settings_mut().correct = " Johnathan".into();
+    h.run_steps(3);
+    assert!(h.query_by_label_contains("answers must be one token").is_some());
+    h.get_by_label("▶ Run").click();
+    h.run_steps(3);
+    assert!(h.state().result().is_none(), "Run is disabled");
+    h.state_mut().settings_mut().correct = " John".into();
+
+    // Prompts of different token lengths are flagged before Run.
+    h.state_mut().settings_mut().corrupted = "After John and Mary went to the big store, John gave a bottle of milk to".into();
+    h.run_steps(3);
+    assert!(h.query_by_label_contains("token counts differ").is_some());
+
+    // An empty prompt is refused by the worker with a message.
+    h.state_mut().settings_mut().corrupted = CORRUPTED.into();
+    h.state_mut().settings_mut().clean = String::new();
+    h.run_steps(2);
+    h.get_by_label("▶ Run").click();
+    wait_until(&mut h, "the refusal", |a| a.sweep_error().is_some());
+    assert!(h.query_by_label_contains("clean prompt is empty").is_some());
+
+    // A missing model file: a message, and the loaded model stays usable.
+    h.state_mut().load_model("/nonexistent/model.gguf");
+    h.run_steps(3);
+    assert!(h.query_by_label_contains("model not found").is_some());
+    assert!(h.state().model().is_some());
+}
+
+#[test]
+fn cancel_mid_sweep_keeps_finished_cells() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let mut h = harness(&gguf.to_string_lossy());
+    wait_until(&mut h, "SmolLM2 to load", |a| a.model().is_some());
+    // One cell per batch, one full forward each: slow enough to cancel mid-way.
+    h.state_mut().set_sweep_options(SweepOptions {
+        schedule: Schedule::Naive,
+        batch_cells: 1,
+        ..SweepOptions::default()
+    });
+    h.get_by_label("▶ Run").click();
+    wait_until(&mut h, "the first computed cells", |a| {
+        a.result().is_some_and(|r| r.done_cells() > 272)
+    });
+    h.get_by_label("■ Cancel").click();
+    wait_until(&mut h, "the cancel", |a| a.result().is_some_and(|r| !r.complete) && !a.is_busy());
+    let r = h.state().result().unwrap();
+    let kept = r.done_cells();
+    assert!(kept > 272 && kept < 480, "kept {kept}");
+    assert!(h.query_by_label_contains("sweep cancelled").is_some());
+}
+
+#[test]
+fn closing_the_window_mid_sweep_returns_promptly() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let mut h = harness(&gguf.to_string_lossy());
+    wait_until(&mut h, "SmolLM2 to load", |a| a.model().is_some());
+    h.state_mut().set_sweep_options(SweepOptions {
+        schedule: Schedule::Naive,
+        batch_cells: 1,
+        ..SweepOptions::default()
+    });
+    h.get_by_label("▶ Run").click();
+    wait_until(&mut h, "cells", |a| a.result().is_some_and(|r| r.done_cells() > 272));
+    let start = Instant::now();
+    drop(h);
+    assert!(start.elapsed() < Duration::from_secs(2), "closing took {:?}", start.elapsed());
+}
