@@ -8,7 +8,7 @@ out="${1:-docs/screenshot.png}"
 wait="${2:-20}"
 shift $(( $# > 2 ? 2 : $# )) || true
 model="$(scripts/fetch-test-model.sh)"
-bin=./target/release/patchbay
+bin="${PATCHBAY_BIN:-./target/release/patchbay}"
 [ -x "$bin" ] || cargo build --release --locked
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 display=":$(( 90 + RANDOM % 9 ))"

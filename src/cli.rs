@@ -179,7 +179,10 @@ fn sweep(args: SweepArgs) -> Result<()> {
         top_k: args.top_k,
         batch_cells: args.batch,
     };
-    for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg].into_iter().flatten() {
+    for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
+        .into_iter()
+        .flatten()
+    {
         check_writable(p)?;
     }
     let model = load_model(&args.model, args.quiet)?;
@@ -249,7 +252,10 @@ fn sweep(args: SweepArgs) -> Result<()> {
     for p in [&args.png, &args.svg].into_iter().flatten() {
         figure::save(&result, p, None)?;
     }
-    for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg].into_iter().flatten() {
+    for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
+        .into_iter()
+        .flatten()
+    {
         let _ = writeln!(out, "wrote     {}", p.display());
     }
     Ok(())
@@ -391,5 +397,9 @@ pub fn gui(args: GuiArgs) -> Result<()> {
         options,
         Box::new(move |cc| Ok(Box::new(crate::app::PatchbayApp::new(cc, start)))),
     )
-    .map_err(|e| Error::Device(format!("cannot open the window ({e}); is a display available (DISPLAY / WAYLAND_DISPLAY)?")))
+    .map_err(|e| {
+        Error::Device(format!(
+            "cannot open the window ({e}); is a display available (DISPLAY / WAYLAND_DISPLAY)?"
+        ))
+    })
 }

@@ -28,7 +28,10 @@ pub enum Command {
     /// Load a model (replacing the current one).
     LoadModel { source: ModelSource, device: DeviceChoice },
     /// Run a sweep on the loaded model.
-    RunSweep { request: SweepRequest, options: SweepOptions },
+    RunSweep {
+        request: SweepRequest,
+        options: SweepOptions,
+    },
 }
 
 /// A loaded model as the UI sees it.
@@ -240,10 +243,15 @@ impl WorkerState {
 
 /// Where the demo model lives when `scripts/fetch-test-model.sh` fetched it (PATCHBAY_CACHE or .cache/).
 pub fn demo_model_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PATCHBAY_DEMO_MODEL").map(PathBuf::from).filter(|p| p.is_file()) {
+    if let Some(p) = std::env::var_os("PATCHBAY_DEMO_MODEL")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    {
         return Some(p);
     }
-    let cache = std::env::var_os("PATCHBAY_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".cache"));
+    let cache = std::env::var_os("PATCHBAY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".cache"));
     let p = cache.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
     p.is_file().then_some(p)
 }

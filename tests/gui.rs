@@ -25,6 +25,7 @@ fn harness(model: &str) -> Harness<'static, PatchbayApp> {
     Harness::builder()
         .with_size(egui::vec2(1400.0, 860.0))
         .with_max_steps(100_000)
+        .allow_missing_glyphs()
         .build_eframe(move |cc| PatchbayApp::new(cc, start))
 }
 
@@ -48,6 +49,8 @@ fn tiny_model(dir: &TempDir) -> String {
 fn click_at(h: &mut Harness<'static, PatchbayApp>, pos: egui::Pos2) {
     h.hover_at(pos);
     h.step();
+    // Press and release in one frame, as kittest's own `click` does.
+    h.hover_at(pos);
     for pressed in [true, false] {
         h.event(egui::Event::PointerButton {
             pos,
@@ -55,9 +58,8 @@ fn click_at(h: &mut Harness<'static, PatchbayApp>, pos: egui::Pos2) {
             pressed,
             modifiers: egui::Modifiers::NONE,
         });
-        h.step();
     }
-    h.run_steps(2);
+    h.run_steps(3);
 }
 
 #[test]
@@ -80,11 +82,17 @@ fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
     h.run_steps(3);
     assert_eq!(h.state_mut().settings_mut().clean, CLEAN);
     assert_eq!(h.state_mut().settings_mut().corrupted, CORRUPTED);
-    // The token chips show the differing position.
-    assert!(h.query_by_label_contains("position 9, token id").is_some());
+    // The prompts are shown as token chips (spaces made visible).
+    assert!(
+        h.query_all_by_label("·Mary").count() >= 2,
+        "chips for ' Mary' in both prompts"
+    );
+    assert!(h.query_all_by_label("·bottle").count() >= 2);
 
-    h.get_by_label("▶ Run").click();
-    wait_until(&mut h, "the sweep to finish", |a| a.result().is_some_and(|r| r.complete) && !a.is_busy());
+    h.get_by_label("Run").click();
+    wait_until(&mut h, "the sweep to finish", |a| {
+        a.result().is_some_and(|r| r.complete) && !a.is_busy()
+    });
     let result = h.state().result().unwrap().clone();
     assert_eq!(result.shape, [3, 16]);
     assert_eq!(result.done_cells(), 48);
@@ -93,9 +101,15 @@ fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
     let pos = h.state().cell_screen_pos(2, 15).expect("heatmap drawn");
     click_at(&mut h, pos);
     assert_eq!(h.state().selected(), Some((2, 15)));
-    assert!(h.query_by_label_contains("layer 2, position 15").is_some(), "inspector names the cell");
+    assert!(
+        h.query_by_label_contains("layer 2, position 15").is_some(),
+        "inspector names the cell"
+    );
     let top = &result.top_k[2][15][0];
-    assert!(h.query_by_label(&format!("{:?}", top.token)).is_some(), "inspector lists the patched run's top token");
+    assert!(
+        h.query_all_by_label(&format!("{:?}", top.token)).count() >= 1,
+        "inspector lists the patched run top token"
+    );
     assert!(h.query_by_label("patched run").is_some());
 
     // Arrow keys move the selection.
@@ -114,21 +128,22 @@ fn bad_inputs_show_their_messages() {
     h.state_mut().settings_mut().correct = " Johnathan".into();
     h.run_steps(3);
     assert!(h.query_by_label_contains("answers must be one token").is_some());
-    h.get_by_label("▶ Run").click();
+    h.get_by_label("Run").click();
     h.run_steps(3);
     assert!(h.state().result().is_none(), "Run is disabled");
     h.state_mut().settings_mut().correct = " John".into();
 
     // Prompts of different token lengths are flagged before Run.
-    h.state_mut().settings_mut().corrupted = "After John and Mary went to the big store, John gave a bottle of milk to".into();
+    h.state_mut().settings_mut().corrupted =
+        "After John and Mary went to the big store, John gave a bottle of milk to".into();
     h.run_steps(3);
-    assert!(h.query_by_label_contains("token counts differ").is_some());
+    assert!(h.query_by_label_contains("Token counts differ").is_some());
 
     // An empty prompt is refused by the worker with a message.
     h.state_mut().settings_mut().corrupted = CORRUPTED.into();
     h.state_mut().settings_mut().clean = String::new();
     h.run_steps(2);
-    h.get_by_label("▶ Run").click();
+    h.get_by_label("Run").click();
     wait_until(&mut h, "the refusal", |a| a.sweep_error().is_some());
     assert!(h.query_by_label_contains("clean prompt is empty").is_some());
 
@@ -150,12 +165,14 @@ fn cancel_mid_sweep_keeps_finished_cells() {
         batch_cells: 1,
         ..SweepOptions::default()
     });
-    h.get_by_label("▶ Run").click();
+    h.get_by_label("Run").click();
     wait_until(&mut h, "the first computed cells", |a| {
         a.result().is_some_and(|r| r.done_cells() > 272)
     });
-    h.get_by_label("■ Cancel").click();
-    wait_until(&mut h, "the cancel", |a| a.result().is_some_and(|r| !r.complete) && !a.is_busy());
+    h.get_by_label("Cancel").click();
+    wait_until(&mut h, "the cancel", |a| {
+        a.result().is_some_and(|r| !r.complete) && !a.is_busy()
+    });
     let r = h.state().result().unwrap();
     let kept = r.done_cells();
     assert!(kept > 272 && kept < 480, "kept {kept}");
@@ -172,9 +189,13 @@ fn closing_the_window_mid_sweep_returns_promptly() {
         batch_cells: 1,
         ..SweepOptions::default()
     });
-    h.get_by_label("▶ Run").click();
+    h.get_by_label("Run").click();
     wait_until(&mut h, "cells", |a| a.result().is_some_and(|r| r.done_cells() > 272));
     let start = Instant::now();
     drop(h);
-    assert!(start.elapsed() < Duration::from_secs(2), "closing took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "closing took {:?}",
+        start.elapsed()
+    );
 }

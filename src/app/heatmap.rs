@@ -34,7 +34,11 @@ pub struct Heatmap {
 
 /// The colour range in use for a result.
 pub fn color_range(result: &SweepResult, auto: bool) -> f64 {
-    if auto { auto_range(result.values.iter().flatten()) } else { DEFAULT_RANGE }
+    if auto {
+        auto_range(result.values.iter().flatten())
+    } else {
+        DEFAULT_RANGE
+    }
 }
 
 /// Plot y coordinate of a layer's centre: layer 0 at the top, as px.imshow draws it.
@@ -68,7 +72,12 @@ fn unit_marks(input: GridInput, centre: impl Fn(f64) -> Option<f64>) -> Vec<Grid
     let step = if span > 60.0 { step.max(2) } else { step };
     (lo.floor() as i64 - 1..=hi.ceil() as i64 + 1)
         .filter(|i| i.rem_euclid(step) == 0)
-        .filter_map(|i| centre(i as f64).map(|value| GridMark { value, step_size: step as f64 }))
+        .filter_map(|i| {
+            centre(i as f64).map(|value| GridMark {
+                value,
+                step_size: step as f64,
+            })
+        })
         .collect()
 }
 
@@ -123,7 +132,12 @@ impl Heatmap {
             let image = Self::image(result, range);
             match &mut self.texture {
                 Some(t) if t.size() == image.size => t.set(image, TextureOptions::NEAREST),
-                _ => self.texture = Some(ui.ctx().load_texture("patchbay-heatmap", image, TextureOptions::NEAREST)),
+                _ => {
+                    self.texture = Some(
+                        ui.ctx()
+                            .load_texture("patchbay-heatmap", image, TextureOptions::NEAREST),
+                    )
+                }
             }
             self.dirty = false;
         }
@@ -153,7 +167,11 @@ impl Heatmap {
                     })
                     .x_axis_formatter(move |mark, _| {
                         let p = (mark.value - 0.5).round();
-                        if p >= 0.0 && (p as usize) < x_labels.len() { x_labels[p as usize].clone() } else { String::new() }
+                        if p >= 0.0 && (p as usize) < x_labels.len() {
+                            x_labels[p as usize].clone()
+                        } else {
+                            String::new()
+                        }
                     })
                     .y_axis_formatter(|mark, _| format!("{}", (-mark.value - 0.5).round() as i64))
                     .x_axis_label("position (clean/corrupted token)")
@@ -193,7 +211,9 @@ impl Heatmap {
                 }
                 self.transform = Some(response.transform);
                 let plot_response = response.response;
-                if plot_response.clicked() {
+                // A click without a drag over a cell selects it. (The plot's own `clicked()` misses
+                // clicks whose press and release land in different frames.)
+                if plot_response.clicked() || ui.input(|i| i.pointer.primary_clicked()) {
                     out.clicked = out.hovered;
                 }
                 if let Some((l, p)) = out.hovered {
@@ -228,7 +248,10 @@ fn cell_tooltip(ui: &mut Ui, r: &SweepResult, labels: &[String], l: usize, p: us
 fn colorbar(ui: &mut Ui, range: f64, height: f32) {
     let (rect, _) = ui.allocate_exact_size(Vec2::new(COLORBAR_WIDTH, height), egui::Sense::hover());
     let painter = ui.painter_at(rect);
-    let bar = egui::Rect::from_min_size(rect.min + Vec2::new(4.0, 12.0), Vec2::new(16.0, (height - 40.0).max(40.0)));
+    let bar = egui::Rect::from_min_size(
+        rect.min + Vec2::new(4.0, 12.0),
+        Vec2::new(16.0, (height - 40.0).max(40.0)),
+    );
     let steps = 64;
     for i in 0..steps {
         let t0 = i as f32 / steps as f32;
@@ -236,7 +259,10 @@ fn colorbar(ui: &mut Ui, range: f64, height: f32) {
         let [r, g, b] = rdbu(v, range);
         let y0 = bar.top() + t0 * bar.height();
         painter.rect_filled(
-            egui::Rect::from_min_max(egui::pos2(bar.left(), y0), egui::pos2(bar.right(), y0 + bar.height() / steps as f32 + 0.5)),
+            egui::Rect::from_min_max(
+                egui::pos2(bar.left(), y0),
+                egui::pos2(bar.right(), y0 + bar.height() / steps as f32 + 0.5),
+            ),
             0.0,
             Color32::from_rgb(r, g, b),
         );

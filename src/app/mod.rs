@@ -412,11 +412,20 @@ impl PatchbayApp {
                     .desired_width(320.0),
             );
             let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
-            if ui.button("Load").on_hover_text("Load this model (Hub repo id, folder or .gguf)").clicked() || enter {
+            if ui
+                .button("Load")
+                .on_hover_text("Load this model (Hub repo id, folder or .gguf)")
+                .clicked()
+                || enter
+            {
                 let spec = self.settings.model.clone();
                 self.load_model(&spec);
             }
-            if ui.button("Open…").on_hover_text("Pick a .gguf file or a model folder").clicked() {
+            if ui
+                .button("Open…")
+                .on_hover_text("Pick a .gguf file or a model folder")
+                .clicked()
+            {
                 self.pick_model_file();
             }
             ui.menu_button("Recent", |ui| {
@@ -430,7 +439,7 @@ impl PatchbayApp {
                     }
                 }
             });
-            egui::ComboBox::from_id_salt("device")
+            egui::ComboBox::from_label("Device")
                 .selected_text(match self.settings.device {
                     DeviceChoice::Cpu => "CPU".to_owned(),
                     DeviceChoice::Cuda(n) => format!("CUDA:{n}"),
@@ -458,19 +467,21 @@ impl PatchbayApp {
                 }
                 ui.label(text);
             } else if let Some(m) = &self.model {
-                ui.label(RichText::new(format!(
-                    "{} · {} layers · d={} · {} on {} · loaded in {:.1} s",
-                    m.source.display_name(),
-                    m.config.num_layers,
-                    m.config.hidden_size,
-                    m.dtype,
-                    m.device,
-                    m.load_seconds
-                ))
-                .color(OK_TEXT));
+                ui.label(
+                    RichText::new(format!(
+                        "{} · {} layers · d={} · {} on {} · loaded in {:.1} s",
+                        m.source.display_name(),
+                        m.config.num_layers,
+                        m.config.hidden_size,
+                        m.dtype,
+                        m.device,
+                        m.load_seconds
+                    ))
+                    .color(OK_TEXT),
+                );
             }
             if let Some(err) = self.model_error.clone() {
-                ui.label(RichText::new(format!("⚠ {err}")).color(ERROR_TEXT));
+                ui.label(RichText::new(err.as_str()).color(ERROR_TEXT));
                 if let Some(demo) = self.demo_model.clone()
                     && ui
                         .button("Use the demo model (SmolLM2-135M) with the IOI preset")
@@ -514,7 +525,10 @@ impl PatchbayApp {
                     }
                 }
             });
-        if let Some(p) = presets().iter().find(|p| Some(&p.name) == self.settings.preset.as_ref()) {
+        if let Some(p) = presets()
+            .iter()
+            .find(|p| Some(&p.name) == self.settings.preset.as_ref())
+        {
             egui::CollapsingHeader::new("What to look for")
                 .default_open(true)
                 .show(ui, |ui| ui.label(RichText::new(&p.explanation).small()));
@@ -524,8 +538,13 @@ impl PatchbayApp {
 
         ui.add_space(4.0);
         let label = ui.label(RichText::new("Clean prompt").strong());
-        ui.add(egui::TextEdit::multiline(&mut self.settings.clean).desired_rows(2).desired_width(f32::INFINITY).id_salt("clean"))
-            .labelled_by(label.id);
+        ui.add(
+            egui::TextEdit::multiline(&mut self.settings.clean)
+                .desired_rows(2)
+                .desired_width(ui.available_width())
+                .id_salt("clean"),
+        )
+        .labelled_by(label.id);
         if let Some(t) = &tokenizer {
             self.clean_tokens.update(&self.settings.clean, t, true);
             self.corrupted_tokens.update(&self.settings.corrupted, t, true);
@@ -533,8 +552,13 @@ impl PatchbayApp {
         }
         ui.add_space(4.0);
         let label = ui.label(RichText::new("Corrupted prompt").strong());
-        ui.add(egui::TextEdit::multiline(&mut self.settings.corrupted).desired_rows(2).desired_width(f32::INFINITY).id_salt("corrupted"))
-            .labelled_by(label.id);
+        ui.add(
+            egui::TextEdit::multiline(&mut self.settings.corrupted)
+                .desired_rows(2)
+                .desired_width(ui.available_width())
+                .id_salt("corrupted"),
+        )
+        .labelled_by(label.id);
         if let Some(t) = &tokenizer {
             self.corrupted_tokens.update(&self.settings.corrupted, t, true);
             token_chips(ui, &self.corrupted_tokens, &self.clean_tokens);
@@ -549,7 +573,7 @@ impl PatchbayApp {
         if mismatch {
             ui.label(
                 RichText::new(format!(
-                    "⚠ token counts differ: clean {} vs corrupted {}. Patching compares positions one to one, so edit the prompts until they match.",
+                    "Token counts differ: clean {} vs corrupted {}. Patching compares positions one to one, so edit the prompts until they match.",
                     self.clean_tokens.ids.len(),
                     self.corrupted_tokens.ids.len()
                 ))
@@ -558,26 +582,53 @@ impl PatchbayApp {
         }
 
         ui.add_space(6.0);
-        let suggestions = self.sweep.as_ref().map(|s| (s.result.clean_top_k.clone(), s.result.corrupted_top_k.clone()));
+        let suggestions = self
+            .sweep
+            .as_ref()
+            .map(|s| (s.result.clean_top_k.clone(), s.result.corrupted_top_k.clone()));
         let mut answers_ok = true;
         egui::Grid::new("answers").num_columns(2).show(ui, |ui| {
             for (label, correct) in [("Correct answer", true), ("Incorrect answer", false)] {
                 let label_id = ui.label(label).id;
                 ui.vertical(|ui| {
-                    let field = if correct { &mut self.settings.correct } else { &mut self.settings.incorrect };
-                    ui.add(egui::TextEdit::singleline(field).desired_width(120.0).id_salt(label)).labelled_by(label_id);
+                    let field = if correct {
+                        &mut self.settings.correct
+                    } else {
+                        &mut self.settings.incorrect
+                    };
+                    ui.add(egui::TextEdit::singleline(field).desired_width(120.0).id_salt(label))
+                        .labelled_by(label_id);
                     if let Some(t) = &tokenizer {
-                        let tokens = if correct { &mut self.correct_tokens } else { &mut self.incorrect_tokens };
+                        let tokens = if correct {
+                            &mut self.correct_tokens
+                        } else {
+                            &mut self.incorrect_tokens
+                        };
                         tokens.update(field, t, false);
                         answers_ok &= answer_status(ui, tokens);
                     }
                     if let Some((clean_top, corrupted_top)) = &suggestions {
                         let top = if correct { clean_top } else { corrupted_top };
                         ui.horizontal_wrapped(|ui| {
-                            ui.label(RichText::new(if correct { "clean run's top:" } else { "corrupted run's top:" }).small());
+                            ui.label(
+                                RichText::new(if correct {
+                                    "clean run's top:"
+                                } else {
+                                    "corrupted run's top:"
+                                })
+                                .small(),
+                            );
                             for t in top.iter().take(SUGGESTIONS) {
-                                if ui.small_button(format!("{:?}", t.token)).on_hover_text(format!("p = {:.3}", t.prob)).clicked() {
-                                    let field = if correct { &mut self.settings.correct } else { &mut self.settings.incorrect };
+                                if ui
+                                    .small_button(format!("{:?}", t.token))
+                                    .on_hover_text(format!("p = {:.3}", t.prob))
+                                    .clicked()
+                                {
+                                    let field = if correct {
+                                        &mut self.settings.correct
+                                    } else {
+                                        &mut self.settings.incorrect
+                                    };
                                     *field = t.token.clone();
                                 }
                             }
@@ -608,7 +659,7 @@ impl PatchbayApp {
             } else {
                 None
             };
-            let run = ui.add_enabled(reason.is_none(), egui::Button::new(RichText::new("▶ Run").strong()));
+            let run = ui.add_enabled(reason.is_none(), egui::Button::new(RichText::new("Run").strong()));
             let run = match reason {
                 Some(r) => run.on_disabled_hover_text(r),
                 None => run.on_hover_text("Patch every layer × position (a running sweep is cancelled)"),
@@ -616,24 +667,38 @@ impl PatchbayApp {
             if run.clicked() {
                 self.run_sweep();
             }
-            if ui.add_enabled(self.sweep_running(), egui::Button::new("■ Cancel")).clicked() {
+            if ui
+                .add_enabled(self.sweep_running(), egui::Button::new("Cancel"))
+                .clicked()
+            {
                 self.cancel();
             }
         });
         if let Some(err) = &self.sweep_error {
-            ui.label(RichText::new(format!("⚠ {err}")).color(ERROR_TEXT));
+            ui.label(RichText::new(err.as_str()).color(ERROR_TEXT));
         }
         ui.add_space(6.0);
         ui.horizontal(|ui| {
             let has = self.sweep.is_some();
-            if ui.add_enabled(has, egui::Button::new("Save figure…")).on_hover_text("PNG or SVG, drawn from the data").clicked() {
+            if ui
+                .add_enabled(has, egui::Button::new("Save figure…"))
+                .on_hover_text("PNG or SVG, drawn from the data")
+                .clicked()
+            {
                 self.save_dialog(true);
             }
-            if ui.add_enabled(has, egui::Button::new("Export data…")).on_hover_text("JSON, CSV or NPY (as the CLI writes)").clicked() {
+            if ui
+                .add_enabled(has, egui::Button::new("Export data…"))
+                .on_hover_text("JSON, CSV or NPY (as the CLI writes)")
+                .clicked()
+            {
                 self.save_dialog(false);
             }
         });
-        if ui.checkbox(&mut self.settings.auto_range, "colour range from data").changed() {
+        if ui
+            .checkbox(&mut self.settings.auto_range, "colour range from data")
+            .changed()
+        {
             self.heatmap.auto_range = self.settings.auto_range;
             self.heatmap.mark_dirty();
         }
@@ -645,13 +710,20 @@ impl PatchbayApp {
     fn save_dialog(&mut self, figure: bool) {
         let Some(result) = self.result().cloned() else { return };
         let range = heatmap::color_range(&result, self.heatmap.auto_range);
-        let name = format!("patchbay-{}-{}", result.model.id.replace(['/', ' '], "_"), result.component);
+        let name = format!(
+            "patchbay-{}-{}",
+            result.model.id.replace(['/', ' '], "_"),
+            result.component
+        );
         let (tx, rx) = bounded(1);
         self.file_task = Some(rx);
         std::thread::spawn(move || {
             let dialog = rfd::FileDialog::new();
             let dialog = if figure {
-                dialog.add_filter("PNG image", &["png"]).add_filter("SVG image", &["svg"]).set_file_name(format!("{name}.png"))
+                dialog
+                    .add_filter("PNG image", &["png"])
+                    .add_filter("SVG image", &["svg"])
+                    .set_file_name(format!("{name}.png"))
             } else {
                 dialog
                     .add_filter("JSON (everything)", &["json"])
@@ -674,8 +746,17 @@ impl PatchbayApp {
             return;
         };
         let r = &view.result;
-        ui.label(format!("clean LD {:+.4} · corrupted LD {:+.4}", r.clean_logit_diff, r.corrupted_logit_diff));
-        ui.label(RichText::new(format!("LD = logit({:?}) − logit({:?})", r.correct.token, r.incorrect.token)).small());
+        ui.label(format!(
+            "clean LD {:+.4} · corrupted LD {:+.4}",
+            r.clean_logit_diff, r.corrupted_logit_diff
+        ));
+        ui.label(
+            RichText::new(format!(
+                "LD = logit({:?}) − logit({:?})",
+                r.correct.token, r.incorrect.token
+            ))
+            .small(),
+        );
         for w in &r.warnings {
             ui.label(RichText::new(w).color(ERROR_TEXT).small());
         }
@@ -719,15 +800,25 @@ impl PatchbayApp {
             let total = r.layers() * r.positions();
             let done = r.done_cells();
             let secs = view.elapsed.unwrap_or_else(|| view.started.elapsed().as_secs_f64());
-            ui.add(egui::ProgressBar::new(done as f32 / total.max(1) as f32).desired_width(220.0).text(format!("{done}/{total} cells")));
+            ui.add(
+                egui::ProgressBar::new(done as f32 / total.max(1) as f32)
+                    .desired_width(220.0)
+                    .text(format!("{done}/{total} cells")),
+            );
             let state = match view.elapsed {
-                Some(_) if r.complete => format!("done in {secs:.2} s ({} computed, {} skipped)", r.timing.cells_computed, r.timing.cells_skipped),
+                Some(_) if r.complete => format!(
+                    "done in {secs:.2} s ({} computed, {} skipped)",
+                    r.timing.cells_computed, r.timing.cells_skipped
+                ),
                 Some(_) => format!("cancelled after {secs:.1} s"),
                 None => {
                     let computed = done.saturating_sub(r.skipped.iter().flatten().filter(|s| **s).count());
                     let remaining = total - done;
                     if computed > 0 {
-                        format!("running {secs:.1} s · eta {:.1} s", secs / computed as f64 * remaining as f64)
+                        format!(
+                            "running {secs:.1} s · eta {:.1} s",
+                            secs / computed as f64 * remaining as f64
+                        )
                     } else {
                         format!("running {secs:.1} s")
                     }
@@ -767,7 +858,10 @@ impl PatchbayApp {
 
 /// Writes a figure or data file; the format follows the extension.
 pub fn save_to(result: &SweepResult, path: &std::path::Path, figure: bool, range: f64) -> Result<String, String> {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
     let outcome = if figure {
         export::figure::save(result, path, Some(range))
     } else {
@@ -781,7 +875,9 @@ pub fn save_to(result: &SweepResult, path: &std::path::Path, figure: bool, range
             }),
         }
     };
-    outcome.map(|()| format!("saved {}", path.display())).map_err(|e| e.to_string())
+    outcome
+        .map(|()| format!("saved {}", path.display()))
+        .map_err(|e| e.to_string())
 }
 
 /// Shows whitespace so tokens like " John" and "\n" are readable on a chip.
@@ -797,18 +893,29 @@ fn token_chips(ui: &mut Ui, tokens: &Tokens, other: &Tokens) {
     ui.horizontal_wrapped(|ui| {
         ui.spacing_mut().item_spacing = egui::vec2(3.0, 3.0);
         for (i, (id, text)) in tokens.ids.iter().zip(&tokens.tokens).enumerate() {
-            let differs = other.ids.get(i).is_some_and(|o| o != id) || (other.ids.len() != tokens.ids.len() && i >= other.ids.len());
-            let fill = if differs { DIFF_FILL } else { ui.visuals().faint_bg_color };
+            let differs = other.ids.get(i).is_some_and(|o| o != id)
+                || (other.ids.len() != tokens.ids.len() && i >= other.ids.len());
+            let fill = if differs {
+                DIFF_FILL
+            } else {
+                ui.visuals().faint_bg_color
+            };
             egui::Frame::new()
                 .fill(fill)
                 .corner_radius(3.0)
                 .inner_margin(egui::Margin::symmetric(3, 1))
                 .show(ui, |ui| {
-                    ui.label(RichText::new(format!("{i}")).small().weak());
-                    ui.label(RichText::new(visible(text)).monospace());
+                    ui.horizontal(|ui| {
+                        ui.spacing_mut().item_spacing.x = 2.0;
+                        ui.add(egui::Label::new(RichText::new(format!("{i}")).small().weak()).extend());
+                        ui.add(egui::Label::new(RichText::new(visible(text)).monospace()).extend());
+                    });
                 })
                 .response
-                .on_hover_text(format!("position {i}, token id {id}{}", if differs { " (differs)" } else { "" }));
+                .on_hover_text(format!(
+                    "position {i}, token id {id}{}",
+                    if differs { " (differs)" } else { "" }
+                ));
         }
     });
 }
@@ -821,19 +928,27 @@ fn answer_status(ui: &mut Ui, tokens: &Tokens) -> bool {
     }
     match tokens.ids.as_slice() {
         [id] => {
-            ui.label(RichText::new(format!("✔ {:?} = token {id}", tokens.tokens[0])).color(OK_TEXT).small());
+            ui.label(
+                RichText::new(format!("one token: {:?} = {id}", tokens.tokens[0]))
+                    .color(OK_TEXT)
+                    .small(),
+            );
             true
         }
         [] => {
-            ui.label(RichText::new("⚠ empty: give one token").color(ERROR_TEXT).small());
+            ui.label(RichText::new("empty: give one token").color(ERROR_TEXT).small());
             false
         }
         ids => {
             let parts: Vec<String> = tokens.tokens.iter().map(|t| format!("{t:?}")).collect();
             ui.label(
-                RichText::new(format!("⚠ {} tokens ({}): answers must be one token", ids.len(), parts.join(" + ")))
-                    .color(ERROR_TEXT)
-                    .small(),
+                RichText::new(format!(
+                    "{} tokens ({}): answers must be one token",
+                    ids.len(),
+                    parts.join(" + ")
+                ))
+                .color(ERROR_TEXT)
+                .small(),
             );
             false
         }
@@ -890,7 +1005,8 @@ impl eframe::App for PatchbayApp {
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
         egui::Panel::left("prompts")
             .resizable(true)
-            .default_size(400.0)
+            .default_size(420.0)
+            .max_size(700.0)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| self.prompt_panel(ui));
             });
@@ -915,7 +1031,7 @@ impl eframe::App for PatchbayApp {
                 }
                 None => {
                     ui.centered_and_justified(|ui| {
-                        ui.label("Pick a preset or type two prompts, then press ▶ Run.\nThe heatmap fills in as cells complete.");
+                        ui.label("Pick a preset or type two prompts, then press Run.\nThe heatmap fills in as cells complete.");
                     });
                 }
             }

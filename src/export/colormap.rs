@@ -21,7 +21,11 @@ pub const DEFAULT_RANGE: f64 = 1.0;
 
 /// Colour of `value` on a symmetric scale `[-range, range]` centred at 0; values outside clamp.
 pub fn rdbu(value: f64, range: f64) -> [u8; 3] {
-    let range = if range > 0.0 && range.is_finite() { range } else { DEFAULT_RANGE };
+    let range = if range > 0.0 && range.is_finite() {
+        range
+    } else {
+        DEFAULT_RANGE
+    };
     let t = ((value / range + 1.0) / 2.0).clamp(0.0, 1.0);
     if !t.is_finite() {
         return RDBU[5];

@@ -60,11 +60,21 @@ where
     root.draw(&Text::new(title(r), (LEFT, 18), text(20.0))).map_err(err)?;
     let subtitle = format!(
         "clean: {:?} → {:?} (LD {:+.3})   corrupted: {:?} → {:?} (LD {:+.3})   LD = logit({:?}) − logit({:?})",
-        r.clean.text, r.correct.token, r.clean_logit_diff, r.corrupted.text, r.incorrect.token, r.corrupted_logit_diff,
-        r.correct.token, r.incorrect.token
+        r.clean.text,
+        r.correct.token,
+        r.clean_logit_diff,
+        r.corrupted.text,
+        r.incorrect.token,
+        r.corrupted_logit_diff,
+        r.correct.token,
+        r.incorrect.token
     );
-    root.draw(&Text::new(subtitle, (LEFT, 48), text(12.0).color(&RGBColor(80, 80, 80))))
-        .map_err(err)?;
+    root.draw(&Text::new(
+        subtitle,
+        (LEFT, 48),
+        text(12.0).color(&RGBColor(80, 80, 80)),
+    ))
+    .map_err(err)?;
 
     // Cells: layer 0 at the top, as px.imshow draws a [layer, pos] matrix.
     for l in 0..layers {
@@ -83,19 +93,30 @@ where
         }
     }
     let grid_bottom = TOP + layers * CELL_H;
-    root.draw(&Rectangle::new([(LEFT, TOP), (LEFT + positions * CELL_W, grid_bottom)], BLACK.stroke_width(1)))
-        .map_err(err)?;
+    root.draw(&Rectangle::new(
+        [(LEFT, TOP), (LEFT + positions * CELL_W, grid_bottom)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(err)?;
 
     // Layer ticks (every layer when they fit, else every other one).
     let step = if CELL_H >= 14 { 1 } else { 2 };
     let right_aligned = text(12.0).pos(Pos::new(HPos::Right, VPos::Center));
     for l in (0..layers).step_by(step) {
-        root.draw(&Text::new(format!("{l}"), (LEFT - 8, TOP + l * CELL_H + CELL_H / 2), right_aligned.clone()))
-            .map_err(err)?;
+        root.draw(&Text::new(
+            format!("{l}"),
+            (LEFT - 8, TOP + l * CELL_H + CELL_H / 2),
+            right_aligned.clone(),
+        ))
+        .map_err(err)?;
     }
     let vertical = TextStyle::from((FONT, 14.0).into_font().transform(FontTransform::Rotate270)).color(&BLACK);
-    root.draw(&Text::new("Layer", (LEFT - 60, TOP + layers * CELL_H / 2 + 20), vertical))
-        .map_err(err)?;
+    root.draw(&Text::new(
+        "Layer",
+        (LEFT - 60, TOP + layers * CELL_H / 2 + 20),
+        vertical,
+    ))
+    .map_err(err)?;
 
     // Token ticks, vertical, "John_1"; tokens that differ show both.
     let tick = TextStyle::from((FONT, 12.0).into_font().transform(FontTransform::Rotate270))
@@ -109,8 +130,12 @@ where
             format!("{}/{}_{p}", c.trim(), k.trim())
         };
         let label: String = label.chars().take(22).collect();
-        root.draw(&Text::new(label, (LEFT + p * CELL_W + CELL_W / 2, grid_bottom + 8), tick.clone()))
-            .map_err(err)?;
+        root.draw(&Text::new(
+            label,
+            (LEFT + p * CELL_W + CELL_W / 2, grid_bottom + 8),
+            tick.clone(),
+        ))
+        .map_err(err)?;
     }
     root.draw(&Text::new(
         "Position (clean token / corrupted token)",
@@ -131,16 +156,26 @@ where
         ))
         .map_err(err)?;
     }
-    root.draw(&Rectangle::new([(bar_x, TOP), (bar_x + COLORBAR_W, TOP + bar_h)], BLACK.stroke_width(1)))
-        .map_err(err)?;
+    root.draw(&Rectangle::new(
+        [(bar_x, TOP), (bar_x + COLORBAR_W, TOP + bar_h)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(err)?;
     let left_aligned = text(12.0).pos(Pos::new(HPos::Left, VPos::Center));
     for k in 0..=4 {
         let v = range * (1.0 - 0.5 * f64::from(k));
         let y = TOP + (f64::from(bar_h) * f64::from(k) / 4.0) as i32;
-        root.draw(&PathElement::new(vec![(bar_x + COLORBAR_W, y), (bar_x + COLORBAR_W + 4, y)], BLACK))
-            .map_err(err)?;
-        root.draw(&Text::new(format!("{v:+.2}"), (bar_x + COLORBAR_W + 8, y), left_aligned.clone()))
-            .map_err(err)?;
+        root.draw(&PathElement::new(
+            vec![(bar_x + COLORBAR_W, y), (bar_x + COLORBAR_W + 4, y)],
+            BLACK,
+        ))
+        .map_err(err)?;
+        root.draw(&Text::new(
+            format!("{v:+.2}"),
+            (bar_x + COLORBAR_W + 8, y),
+            left_aligned.clone(),
+        ))
+        .map_err(err)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -184,7 +219,10 @@ pub fn to_png(result: &SweepResult, range: f64) -> Result<Vec<u8>> {
 /// Saves the figure; the format follows the extension (.png or .svg).
 pub fn save(result: &SweepResult, path: &Path, range: Option<f64>) -> Result<()> {
     let range = range.unwrap_or(DEFAULT_RANGE);
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
     let bytes = match ext.as_str() {
         "png" => to_png(result, range)?,
         "svg" => to_svg(result, range)?.into_bytes(),

@@ -147,7 +147,9 @@ impl TextTokenizer {
     /// The text one token stands for, as a user reads it (" John", "\n").
     pub fn token_text(&self, id: u32) -> String {
         match self.inner.decode(&[id], false) {
-            Ok(s) if !s.is_empty() => s,
+            // A token holding part of a multi-byte character decodes to U+FFFD: show its vocabulary
+            // spelling instead, which tells such tokens apart.
+            Ok(s) if !s.is_empty() && !s.contains('\u{FFFD}') => s,
             _ => self.inner.id_to_token(id).unwrap_or_else(|| format!("<{id}>")),
         }
     }
