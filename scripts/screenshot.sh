@@ -19,6 +19,10 @@ sleep 1
 DISPLAY="$display" PATCHBAY_DEMO_MODEL="$model" "$bin" gui --model "$model" --run "$@" &
 app=$!
 sleep "$wait"
+if [ -n "${PATCHBAY_CLICK:-}" ]; then
+  # "X Y": click a heatmap cell so the inspector shows it, then move the pointer away.
+  DISPLAY="$display" xdotool mousemove $PATCHBAY_CLICK click 1 sleep 0.5 mousemove 1390 850 sleep 1
+fi
 mkdir -p "$(dirname "$out")"
 DISPLAY="$display" import -window root "$out"
 echo "$out"

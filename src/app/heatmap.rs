@@ -11,6 +11,10 @@ use crate::patching::result::SweepResult;
 /// Colour of cells not computed yet.
 pub const PENDING: Color32 = Color32::from_gray(60);
 const COLORBAR_WIDTH: f32 = 64.0;
+/// Room egui_plot takes left of the plot for the layer axis (on top of `Plot::width`).
+const Y_AXIS_WIDTH: f32 = 60.0;
+/// Height of the rotated token labels under the plot.
+const LABEL_STRIP: f32 = 96.0;
 
 /// What the user did with the heatmap this frame.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -145,36 +149,27 @@ impl Heatmap {
         let labels = position_labels(result);
         let mut out = HeatmapResponse::default();
         let avail = ui.available_size();
-        ui.horizontal(|ui| {
-            let plot_size = Vec2::new((avail.x - COLORBAR_WIDTH - 8.0).max(100.0), avail.y.max(100.0));
-            ui.allocate_ui(plot_size, |ui| {
-                let x_labels = labels.clone();
+        let plot_size = Vec2::new(
+            (avail.x - COLORBAR_WIDTH - Y_AXIS_WIDTH - 12.0).max(100.0),
+            (avail.y - LABEL_STRIP).max(100.0),
+        );
+        ui.horizontal_top(|ui| {
+            ui.vertical(|ui| {
                 let mut plot = Plot::new("heatmap")
                     .width(plot_size.x)
                     .height(plot_size.y)
                     .show_grid(false)
+                    .show_axes([false, true])
                     .allow_double_click_reset(true)
                     .default_x_bounds(0.0, positions as f64)
                     .default_y_bounds(-(layers as f64), 0.0)
-                    .x_grid_spacer(move |input| {
-                        unit_marks(input, |i| (i >= 0.0 && i < positions as f64).then_some(i + 0.5))
-                    })
                     .y_grid_spacer(move |input| {
                         unit_marks(input, |i| {
                             let layer = -i - 1.0;
                             (layer >= 0.0 && layer < layers as f64).then_some(i + 0.5)
                         })
                     })
-                    .x_axis_formatter(move |mark, _| {
-                        let p = (mark.value - 0.5).round();
-                        if p >= 0.0 && (p as usize) < x_labels.len() {
-                            x_labels[p as usize].clone()
-                        } else {
-                            String::new()
-                        }
-                    })
                     .y_axis_formatter(|mark, _| format!("{}", (-mark.value - 0.5).round() as i64))
-                    .x_axis_label("position (clean/corrupted token)")
                     .y_axis_label("layer")
                     .label_formatter(|_| None)
                     .show_x(false)
@@ -209,20 +204,59 @@ impl Heatmap {
                         out.hovered = Some((l as usize, p as usize));
                     }
                 }
-                self.transform = Some(response.transform);
+                let transform = response.transform;
+                self.transform = Some(transform);
                 let plot_response = response.response;
                 // A click without a drag over a cell selects it. (The plot's own `clicked()` misses
                 // clicks whose press and release land in different frames.)
                 if plot_response.clicked() || ui.input(|i| i.pointer.primary_clicked()) {
                     out.clicked = out.hovered;
                 }
+                let plot_rect = plot_response.rect;
                 if let Some((l, p)) = out.hovered {
                     plot_response.on_hover_ui_at_pointer(|ui| cell_tooltip(ui, result, &labels, l, p));
                 }
+                position_strip(ui, &transform, plot_rect, &labels, result);
             });
             colorbar(ui, range, plot_size.y);
         });
         out
+    }
+}
+
+/// Token labels under the plot, rotated to read bottom-up, one per visible position; thinned out
+/// when cells are narrower than a line of text.
+fn position_strip(
+    ui: &mut Ui,
+    transform: &egui_plot::PlotTransform,
+    plot_rect: egui::Rect,
+    labels: &[String],
+    result: &SweepResult,
+) {
+    let width = (plot_rect.right() - ui.cursor().left()).max(plot_rect.width());
+    let (rect, _) = ui.allocate_exact_size(Vec2::new(width, LABEL_STRIP), egui::Sense::hover());
+    let painter = ui.painter_at(rect);
+    let font = egui::FontId::proportional(12.0);
+    let cell_px = (transform.position_from_point(&PlotPoint::new(1.0, 0.0)).x
+        - transform.position_from_point(&PlotPoint::new(0.0, 0.0)).x)
+        .abs();
+    let every = (14.0 / cell_px.max(0.1)).ceil().max(1.0) as usize;
+    let text_color = ui.visuals().text_color();
+    for (p, label) in labels.iter().enumerate().step_by(every) {
+        let x = transform.position_from_point(&PlotPoint::new(p as f64 + 0.5, 0.0)).x;
+        if x < plot_rect.left() || x > plot_rect.right() {
+            continue;
+        }
+        let differs = result.clean.tokens[p] != result.corrupted.tokens[p];
+        let color = if differs {
+            Color32::from_rgb(240, 170, 60)
+        } else {
+            text_color
+        };
+        let galley = ui.painter().layout_no_wrap(label.clone(), font.clone(), color);
+        // Rotated −90°: the text runs upwards from the bottom, ending just under the plot.
+        let pos = egui::pos2(x - galley.size().y / 2.0, rect.top() + 4.0 + galley.size().x);
+        painter.add(egui::epaint::TextShape::new(pos, galley, color).with_angle(-std::f32::consts::FRAC_PI_2));
     }
 }
 

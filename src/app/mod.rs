@@ -900,22 +900,39 @@ fn token_chips(ui: &mut Ui, tokens: &Tokens, other: &Tokens) {
             } else {
                 ui.visuals().faint_bg_color
             };
-            egui::Frame::new()
-                .fill(fill)
-                .corner_radius(3.0)
-                .inner_margin(egui::Margin::symmetric(3, 1))
-                .show(ui, |ui| {
-                    ui.horizontal(|ui| {
-                        ui.spacing_mut().item_spacing.x = 2.0;
-                        ui.add(egui::Label::new(RichText::new(format!("{i}")).small().weak()).extend());
-                        ui.add(egui::Label::new(RichText::new(visible(text)).monospace()).extend());
-                    });
-                })
-                .response
-                .on_hover_text(format!(
-                    "position {i}, token id {id}{}",
-                    if differs { " (differs)" } else { "" }
-                ));
+            // One label per chip, so the wrapped row moves whole chips to the next line.
+            let mut job = egui::text::LayoutJob::default();
+            let weak = if differs {
+                Color32::BLACK
+            } else {
+                ui.visuals().weak_text_color()
+            };
+            let strong = ui.visuals().strong_text_color();
+            job.append(
+                &format!("{i}"),
+                0.0,
+                egui::TextFormat {
+                    font_id: egui::FontId::proportional(9.0),
+                    color: weak,
+                    background: fill,
+                    valign: egui::Align::Center,
+                    ..Default::default()
+                },
+            );
+            job.append(
+                &visible(text),
+                2.0,
+                egui::TextFormat {
+                    font_id: egui::FontId::monospace(13.0),
+                    color: strong,
+                    background: fill,
+                    ..Default::default()
+                },
+            );
+            ui.add(egui::Label::new(job).extend()).on_hover_text(format!(
+                "position {i}, token id {id}{}",
+                if differs { " (differs)" } else { "" }
+            ));
         }
     });
 }
@@ -1005,10 +1022,12 @@ impl eframe::App for PatchbayApp {
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
         egui::Panel::left("prompts")
             .resizable(true)
-            .default_size(420.0)
-            .max_size(700.0)
+            .default_size(440.0)
+            .max_size(600.0)
             .show(ui, |ui| {
-                egui::ScrollArea::vertical().show(ui, |ui| self.prompt_panel(ui));
+                egui::ScrollArea::vertical()
+                    .auto_shrink([false, false])
+                    .show(ui, |ui| self.prompt_panel(ui));
             });
         egui::Panel::right("inspector")
             .resizable(true)
