@@ -82,12 +82,10 @@ fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
     h.run_steps(3);
     assert_eq!(h.state_mut().settings_mut().clean, CLEAN);
     assert_eq!(h.state_mut().settings_mut().corrupted, CORRUPTED);
-    // The prompts are shown as token chips (spaces made visible).
-    assert!(
-        h.query_all_by_label("·Mary").count() >= 2,
-        "chips for ' Mary' in both prompts"
-    );
-    assert!(h.query_all_by_label("·bottle").count() >= 2);
+    // The prompts are shown as token chips (position + token, spaces made visible).
+    assert!(h.query_by_label("9·Mary").is_some(), "clean chip at position 9");
+    assert!(h.query_by_label("9·John").is_some(), "corrupted chip at position 9");
+    assert_eq!(h.query_all_by_label("12·bottle").count(), 2);
 
     h.get_by_label("Run").click();
     wait_until(&mut h, "the sweep to finish", |a| {
