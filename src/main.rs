@@ -6,7 +6,7 @@ use patchbay::cli::{self, Cli};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let Some(command) = cli.command else {
-        eprintln!("usage: patchbay <sweep|tokenize|info> … (see patchbay --help)");
+        eprintln!("usage: patchbay <sweep|bench|tokenize|info> … (see patchbay --help)");
         return std::process::ExitCode::from(2);
     };
     match cli::run(command) {
