@@ -1,4 +1,4 @@
-//! The headless commands: `patchbay sweep`, `patchbay tokenize`, `patchbay info`.
+//! The headless commands: `patchbay sweep`, `patchbay bench`, `patchbay tokenize`, `patchbay info`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,7 +12,9 @@ use crate::export::{data, figure};
 use crate::model::{DEFAULT_MODEL, DeviceChoice, LoadProgress, Model, ModelSource, parse_dtype};
 use crate::patching::Component;
 use crate::patching::result::SweepResult;
-use crate::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_TOP_K, Schedule, Sweep, SweepOptions, SweepRequest};
+use crate::patching::sweep::{
+    DEFAULT_BATCH_CELLS, DEFAULT_TOP_K, Schedule, Sweep, SweepOptions, SweepRequest, TokenSweepRequest,
+};
 
 /// Activation patching on language models.
 #[derive(Debug, Parser)]
@@ -27,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Patch one component over every layer × position and report the normalized logit difference.
     Sweep(Box<SweepArgs>),
+    /// Time the naive and fast schedules on one sweep, alternating, with peak memory.
+    Bench(Box<BenchArgs>),
     /// Show how prompts and answers tokenize, with positions.
     Tokenize(TokenizeArgs),
     /// Show a model's architecture and where it was loaded from.
@@ -83,13 +87,14 @@ pub struct SweepArgs {
     /// resid_post, resid_pre, attn_out or mlp_out.
     #[arg(long, default_value = "resid_post")]
     pub component: String,
-    /// How cells are computed.
-    #[arg(long, default_value = "naive")]
+    /// How cells are computed: fast (causal cones, many cells per forward) or naive (one full
+    /// forward per cell, the baseline).
+    #[arg(long, default_value = "fast")]
     pub schedule: String,
     /// Next-token candidates kept per cell.
     #[arg(long, default_value_t = DEFAULT_TOP_K)]
     pub top_k: usize,
-    /// Cells per batched forward.
+    /// Naive schedule: cells per batched forward (1 = one forward per cell, like a notebook loop).
     #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
     pub batch: usize,
     /// Write the full results as JSON.
@@ -110,6 +115,60 @@ pub struct SweepArgs {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// The IOI prompts of the seed notebook, the benchmark's default sweep.
+pub const IOI_CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
+/// The corrupted IOI prompt (the second name swapped).
+pub const IOI_CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
+/// Where scripts/fetch-test-model.sh puts the SmolLM2 GGUF: the benchmark's default model.
+pub const BENCH_DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Synthetic benchmark prompts: this many tokens, differing at [`SYNTHETIC_DIFF_POSITION`].
+pub const SYNTHETIC_PROMPT_TOKENS: usize = 16;
+/// Where the synthetic clean and corrupted prompts differ (like IOI's second name).
+pub const SYNTHETIC_DIFF_POSITION: usize = 9;
+
+/// `patchbay bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A Hub repo id, model folder or .gguf file (default: the SmolLM2 GGUF that
+    /// scripts/fetch-test-model.sh fetches).
+    #[arg(long, short, default_value = BENCH_DEFAULT_MODEL, conflicts_with = "synthetic")]
+    pub model: String,
+    /// Instead of a model file, random weights in the shape of: qwen3-0.6b. Prompts are then token
+    /// ids (16 tokens, differing at position 9).
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Rounds; each runs every schedule once, in the order given.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Schedules to time, comma-separated.
+    #[arg(long, default_value = "naive,fast")]
+    pub schedules: String,
+    /// resid_post, resid_pre, attn_out or mlp_out.
+    #[arg(long, default_value = "resid_post")]
+    pub component: String,
+    /// Naive schedule: cells per forward (1 = one forward per cell, like a notebook loop).
+    #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
+    pub batch: usize,
+    /// The clean prompt (text models).
+    #[arg(long, default_value = IOI_CLEAN)]
+    pub clean: String,
+    /// The corrupted prompt (text models).
+    #[arg(long, default_value = IOI_CORRUPTED)]
+    pub corrupted: String,
+    /// The correct answer (text models).
+    #[arg(long, default_value = " John")]
+    pub correct: String,
+    /// The incorrect answer (text models).
+    #[arg(long, default_value = " Mary")]
+    pub incorrect: String,
 }
 
 /// `patchbay tokenize`.
@@ -160,6 +219,7 @@ pub fn load_model(args: &ModelArgs, quiet: bool) -> Result<Model> {
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Sweep(args) => sweep(*args),
+        Command::Bench(args) => bench(*args),
         Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
         Command::Gui(args) => gui(args),
@@ -333,6 +393,214 @@ pub fn text_heatmap(r: &SweepResult) -> String {
     s.push_str(&labels.join(" "));
     s.push('\n');
     s
+}
+
+/// One timed sweep of the benchmark.
+struct BenchRun {
+    seconds: f64,
+    first_cell_seconds: Option<f64>,
+    peak_rss: Option<u64>,
+    result: SweepResult,
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let schedules = args
+        .schedules
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(Schedule::parse)
+        .collect::<Result<Vec<_>>>()?;
+    if schedules.is_empty() || args.rounds == 0 {
+        return Err(Error::Input("give at least one schedule and one round".into()));
+    }
+    let component = Component::parse(&args.component)?;
+    let source = match &args.synthetic {
+        Some(shape) => ModelSource::Synthetic {
+            shape: shape.clone(),
+            seed: 0,
+        },
+        None => ModelSource::parse(&args.model)?,
+    };
+    let device = DeviceChoice::parse(&args.device)?;
+    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    let model = Model::load(&source, device, dtype, &mut |_| {})?;
+    let vocab = model.config.vocab_size as u32;
+    // Synthetic prompts: arbitrary ids, the corrupted one differing at one position.
+    let synthetic_request = |component| {
+        let clean_ids: Vec<u32> = (0..SYNTHETIC_PROMPT_TOKENS as u32)
+            .map(|i| (1000 + 37 * i) % vocab)
+            .collect();
+        let mut corrupted_ids = clean_ids.clone();
+        corrupted_ids[SYNTHETIC_DIFF_POSITION] = (clean_ids[SYNTHETIC_DIFF_POSITION] + 1) % vocab;
+        TokenSweepRequest {
+            clean_ids,
+            corrupted_ids,
+            correct_id: 2000 % vocab,
+            incorrect_id: 3000 % vocab,
+            component,
+        }
+    };
+    let text_request = SweepRequest {
+        clean: args.clean.clone(),
+        corrupted: args.corrupted.clone(),
+        correct: args.correct.clone(),
+        incorrect: args.incorrect.clone(),
+        component,
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("machine   {} ({threads} threads)", cpu_name());
+    println!(
+        "model     {} ({}, {} on {})",
+        model.source.display_name(),
+        model.config.summary(),
+        model.dtype_name(),
+        model.device_name()
+    );
+    println!(
+        "load      {:.2} s, RSS after load {}, peak {}",
+        model.load_seconds,
+        fmt_bytes(proc_status_bytes("VmRSS")),
+        fmt_bytes(proc_status_bytes("VmHWM"))
+    );
+    println!(
+        "sweep     {component}, {}; seconds = baselines + all cells (model load excluded)",
+        if args.synthetic.is_some() {
+            format!("{SYNTHETIC_PROMPT_TOKENS} token ids differing at position {SYNTHETIC_DIFF_POSITION}")
+        } else {
+            format!("{:?} vs {:?}", args.clean, args.corrupted)
+        }
+    );
+    println!(
+        "schedules naive = one full corrupted forward per computed cell, {} row(s) per forward, no reuse; \
+         fast = causal cones packed into a few forwards. Both skip no-op cells.",
+        args.batch
+    );
+    let peak_resets = reset_peak_rss();
+    if !peak_resets {
+        println!("note      cannot reset the peak-RSS counter here: peaks are for the whole process so far");
+    }
+
+    let mut runs: Vec<Vec<BenchRun>> = schedules.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds {
+        for (si, &schedule) in schedules.iter().enumerate() {
+            reset_peak_rss();
+            let options = SweepOptions {
+                schedule,
+                top_k: DEFAULT_TOP_K,
+                batch_cells: args.batch,
+            };
+            let started = Instant::now();
+            let prepared = match &args.synthetic {
+                Some(_) => Sweep::prepare_tokens(&model, &synthetic_request(component), options.top_k)?,
+                None => Sweep::prepare(&model, &text_request, options.top_k)?,
+            };
+            let mut first_cell = None;
+            let result = prepared.run(&options, &AtomicBool::new(false), &mut |cell| {
+                if !cell.skipped && first_cell.is_none() {
+                    first_cell = Some(started.elapsed().as_secs_f64());
+                }
+            })?;
+            let run = BenchRun {
+                seconds: started.elapsed().as_secs_f64(),
+                first_cell_seconds: first_cell,
+                peak_rss: proc_status_bytes("VmHWM"),
+                result,
+            };
+            println!(
+                "round {round}   {:<5} {:>4} cells computed, {:>4} skipped  {:>8.3} s  first cell {:>7}  peak RSS {}",
+                schedule.name(),
+                run.result.timing.cells_computed,
+                run.result.timing.cells_skipped,
+                run.seconds,
+                run.first_cell_seconds
+                    .map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0)),
+                fmt_bytes(run.peak_rss)
+            );
+            runs[si].push(run);
+        }
+    }
+
+    println!("\nsummary (median of {} rounds)", args.rounds);
+    let mut medians = Vec::new();
+    for (schedule, rs) in schedules.iter().zip(&runs) {
+        let m = median(rs.iter().map(|r| r.seconds).collect()).unwrap_or_default();
+        let first = median(rs.iter().filter_map(|r| r.first_cell_seconds).collect());
+        let peak = rs.iter().filter_map(|r| r.peak_rss).max();
+        println!(
+            "  {:<5} {:>8.3} s   first computed cell after {}   peak RSS {}",
+            schedule.name(),
+            m,
+            first.map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0)),
+            fmt_bytes(peak)
+        );
+        medians.push((*schedule, m));
+    }
+    let find = |s: Schedule| medians.iter().find(|(x, _)| *x == s).map(|(_, m)| *m);
+    if let (Some(naive), Some(fast)) = (find(Schedule::Naive), find(Schedule::Fast)) {
+        println!("  speed-up naive / fast = {:.1}x", naive / fast);
+    }
+    // The schedules must agree cell by cell.
+    if let (Some(a), Some(b)) = (runs.first().and_then(|r| r.last()), runs.last().and_then(|r| r.last()))
+        && schedules.len() > 1
+    {
+        let worst = a
+            .result
+            .patched_logit_diff
+            .iter()
+            .flatten()
+            .zip(b.result.patched_logit_diff.iter().flatten())
+            .filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).abs()))
+            .fold(0.0f64, f64::max);
+        println!(
+            "  largest raw logit-difference gap between {} and {}: {worst:.2e}",
+            schedules[0].name(),
+            schedules[schedules.len() - 1].name()
+        );
+    }
+    Ok(())
+}
+
+/// The median (upper middle for an even count); None for no values.
+fn median(mut xs: Vec<f64>) -> Option<f64> {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied()
+}
+
+/// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM` = peak RSS); None off Linux.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
+    let kb: u64 = line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak-RSS counter (`VmHWM`) so the next reading covers only what follows.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn fmt_bytes(bytes: Option<u64>) -> String {
+    bytes.map_or("n/a".to_owned(), |b| format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0)))
+}
+
+/// The CPU's model name from /proc/cpuinfo, when there is one.
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {

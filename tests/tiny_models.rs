@@ -1,5 +1,6 @@
 //! Random-weight Qwen3, Qwen2, Llama and Llama 3 models built in code, checked against HF
-//! transformers run on the same weights (tests/fixtures/make_tiny_reference.py → tiny_reference.json).
+//! transformers run on the same weights (tests/fixtures/make_tiny_reference.py → tiny_reference.json),
+//! with both schedules.
 
 mod common;
 
@@ -123,7 +124,7 @@ fn check_model(entry: &serde_json::Value, config_key: &str, schedule: Schedule) 
                 close(
                     got,
                     reference[l][p].as_f64().unwrap(),
-                    &format!("patched LD at layer {l}, position {p}"),
+                    &format!("{} schedule: patched LD at layer {l}, position {p}", schedule.name()),
                 );
             }
         }
@@ -143,26 +144,38 @@ fn entry(name: &str) -> serde_json::Value {
 
 #[test]
 fn qwen3_matches_transformers() {
-    check_model(&entry("tiny-qwen3"), "config", Schedule::Naive);
+    for schedule in Schedule::ALL {
+        check_model(&entry("tiny-qwen3"), "config", schedule);
+    }
 }
 
 #[test]
 fn qwen3_legacy_config_layout_matches_transformers() {
-    check_model(&entry("tiny-qwen3"), "config_legacy", Schedule::Naive);
+    for schedule in Schedule::ALL {
+        check_model(&entry("tiny-qwen3"), "config_legacy", schedule);
+    }
 }
 
 #[test]
 fn llama_matches_transformers() {
-    check_model(&entry("tiny-llama"), "config", Schedule::Naive);
+    for schedule in Schedule::ALL {
+        check_model(&entry("tiny-llama"), "config", schedule);
+    }
 }
 
 #[test]
 fn llama3_rope_scaling_matches_transformers() {
-    check_model(&entry("tiny-llama3"), "config", Schedule::Naive);
-    check_model(&entry("tiny-llama3"), "config_legacy", Schedule::Naive);
+    for schedule in Schedule::ALL {
+        check_model(&entry("tiny-llama3"), "config", schedule);
+    }
+    for schedule in Schedule::ALL {
+        check_model(&entry("tiny-llama3"), "config_legacy", schedule);
+    }
 }
 
 #[test]
 fn qwen2_matches_transformers() {
-    check_model(&entry("tiny-qwen2"), "config", Schedule::Naive);
+    for schedule in Schedule::ALL {
+        check_model(&entry("tiny-qwen2"), "config", schedule);
+    }
 }

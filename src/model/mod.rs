@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod hub;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use config::{ArchConfig, Family};
 pub use hub::DownloadProgress;
 pub use tokenizer::TextTokenizer;
-pub use transformer::{Forward, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
+pub use transformer::{Cone, Forward, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
 
 use crate::error::{Error, Result};
 
@@ -31,6 +32,8 @@ pub enum ModelSource {
     Folder(PathBuf),
     /// A single GGUF file (weights dequantized at load, tokenizer from its metadata).
     Gguf(PathBuf),
+    /// Random weights in the shape of a known model, built in memory ([`synthetic::SHAPES`]).
+    Synthetic { shape: String, seed: u64 },
 }
 
 impl ModelSource {
@@ -78,6 +81,7 @@ impl ModelSource {
     pub fn display_name(&self) -> String {
         match self {
             ModelSource::Hub { repo_id, .. } => repo_id.clone(),
+            ModelSource::Synthetic { shape, seed } => format!("synthetic {shape} (random weights, seed {seed})"),
             ModelSource::Folder(p) | ModelSource::Gguf(p) => p
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -189,6 +193,14 @@ impl Model {
         let (config, transformer, tokenizer) = match source {
             ModelSource::Gguf(path) => load_gguf(path, dtype, &dev, on_progress)?,
             ModelSource::Folder(dir) => load_folder(dir, dtype, &dev, on_progress)?,
+            ModelSource::Synthetic { shape, seed } => {
+                on_progress(LoadProgress::Stage(format!(
+                    "building random weights shaped like {shape}"
+                )));
+                let config = synthetic::shape(shape)?;
+                let (transformer, tokenizer) = synthetic::build(&config, *seed, &dev, dtype)?;
+                (config, transformer, tokenizer)
+            }
             ModelSource::Hub { repo_id, revision } => {
                 let dir = hub::fetch_model(repo_id, revision, &mut |p| {
                     on_progress(LoadProgress::Download(p.clone()))

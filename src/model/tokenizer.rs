@@ -4,10 +4,12 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
@@ -118,6 +120,19 @@ impl TextTokenizer {
             None
         };
         Ok(Self { inner, bos })
+    }
+
+    /// A stand-in for models that come without one (synthetic benchmarks): token `i` is written
+    /// `<i>`, and text is whitespace-separated `<i>` tokens.
+    pub fn numbered(vocab_size: usize) -> Result<Self> {
+        let model = WordLevel::builder()
+            .vocab((0..vocab_size as u32).map(|i| (format!("<{i}>"), i)).collect())
+            .unk_token("<0>".into())
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("building a numbered vocabulary: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::WhitespaceSplit(WhitespaceSplit)));
+        Ok(Self { inner, bos: None })
     }
 
     /// Token ids of a prompt, with the BOS token when the model expects one.

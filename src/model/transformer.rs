@@ -7,13 +7,15 @@
 //! - a forward may start at any layer, from hidden states at absolute positions `offset..`, attending
 //!   to a cached key/value prefix for positions `< offset` (what a patch at (L, P) needs to recompute
 //!   only its causal cone);
+//! - [`Transformer::forward_cones`] packs many such cones (each its own start layer and positions)
+//!   into one pass, so a whole block of patching cells shares every weight read;
 //! - only the last position goes through the final norm and the unembedding.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::{ArchConfig, RopeScaling};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A place in the forward pass whose activation can be read or overwritten. Names follow
 /// TransformerLens (`blocks.{L}.hook_resid_pre` and so on). Each is `[batch, seq, hidden]`.
@@ -76,6 +78,31 @@ pub struct Forward {
     pub kv: Vec<LayerKv>,
 }
 
+/// The causal cone of one patch, for [`Transformer::forward_cones`]: everything a change to the
+/// residual stream at position `offset` entering layer `start_layer` can affect.
+#[derive(Debug, Clone)]
+pub struct Cone {
+    /// The first layer to run; `num_layers` runs none (only the final norm and unembedding).
+    pub start_layer: usize,
+    /// Absolute position of the cone's first token.
+    pub offset: usize,
+    /// `start_layer`'s resid_pre at positions `offset..`, `[seq, hidden]`, with the patch written in.
+    pub hidden: Tensor,
+}
+
+/// Where one cone's tokens sit in the packed `[tokens, hidden]` activations of a cone forward.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Index into the caller's cones.
+    cone: usize,
+    /// First packed row.
+    row: usize,
+    /// Number of tokens.
+    len: usize,
+    /// Absolute position of the first token.
+    offset: usize,
+}
+
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -89,6 +116,15 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+}
+
+impl Mlp {
+    /// The MLP block's output for the residual stream `mid` (post-attention norm included).
+    fn forward(&self, mid: &Tensor, norm: &Tensor, eps: f32) -> Result<Tensor> {
+        let normed = candle_nn::ops::rms_norm(mid, norm, eps)?;
+        let gated = (candle_nn::ops::silu(&self.gate_proj.forward(&normed)?)? * self.up_proj.forward(&normed)?)?;
+        Ok(self.down_proj.forward(&gated)?)
+    }
 }
 
 struct Layer {
@@ -223,11 +259,9 @@ impl Transformer {
             let (attn, kv) = self.attention(&layer.attn, &normed, &cos, &sin, mask.as_ref(), prefix, batch)?;
             let attn = hooks.visit(Site::AttnOut, l, span.offset, attn)?;
             let mid = hooks.visit(Site::ResidMid, l, span.offset, (x + attn)?)?;
-            let normed = candle_nn::ops::rms_norm(&mid, &layer.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
-            let mlp = layer.mlp.down_proj.forward(
-                &(candle_nn::ops::silu(&layer.mlp.gate_proj.forward(&normed)?)?
-                    * layer.mlp.up_proj.forward(&normed)?)?,
-            )?;
+            let mlp = layer
+                .mlp
+                .forward(&mid, &layer.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
             let mlp = hooks.visit(Site::MlpOut, l, span.offset, mlp)?;
             x = hooks.visit(Site::ResidPost, l, span.offset, (mid + mlp)?)?;
             if span.keep_kv {
@@ -241,6 +275,239 @@ impl Transformer {
             last_logits,
             kv: kv_out,
         })
+    }
+
+    /// resid_post of `layer` from its resid_mid (`[.., hidden]`): adds the MLP block's output. Lets a
+    /// sweep patch attn_out at one position without rerunning the layer's attention.
+    pub fn mlp_residual(&self, layer: usize, mid: &Tensor) -> Result<Tensor> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::Input(format!("internal: layer {layer} out of range")))?;
+        let mlp = l
+            .mlp
+            .forward(mid, &l.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
+        Ok((mid + mlp)?)
+    }
+
+    /// Runs many [`Cone`]s in one packed forward and returns each one's last-position logits,
+    /// `[cones, vocab]` f32, in the order given.
+    ///
+    /// The tokens of every cone are packed into one `[tokens, hidden]` matrix, so each projection and
+    /// MLP is a single matmul for the whole batch; a cone joins when the forward reaches its start
+    /// layer. Its tokens attend to `prefix` (the unpatched run's keys/values per layer, batch 1,
+    /// after RoPE and QK-norm, covering at least every cone's positions before its offset) and,
+    /// causally, to each other. The last layer runs queries, attention output and MLP only for each
+    /// cone's last token: the other tokens are needed there only as keys and values.
+    pub fn forward_cones(&self, cones: &[Cone], prefix: &[LayerKv]) -> Result<Tensor> {
+        let n_layers = self.layers.len();
+        let d = self.cfg.hidden_size;
+        for (i, c) in cones.iter().enumerate() {
+            let (seq, hidden) = c.hidden.dims2()?;
+            let prefix_len = match prefix.get(c.start_layer.min(n_layers.saturating_sub(1))) {
+                Some(kv) => kv.k.dim(2)?,
+                None => 0,
+            };
+            let bad = c.start_layer > n_layers
+                || seq == 0
+                || hidden != d
+                || c.offset + seq > self.cfg.max_position_embeddings.max(1)
+                || (c.start_layer < n_layers && (prefix.len() != n_layers || prefix_len < c.offset));
+            if bad {
+                return Err(Error::Input(format!(
+                    "internal: cone {i} (start layer {}, offset {}, hidden {:?}) does not fit the model or the \
+                     {}-layer key/value prefix",
+                    c.start_layer,
+                    c.offset,
+                    c.hidden.dims(),
+                    prefix.len()
+                )));
+            }
+        }
+        // Cones join in order of their start layer; the packed rows keep that order.
+        let mut order: Vec<usize> = (0..cones.len()).collect();
+        order.sort_by_key(|&i| cones[i].start_layer);
+        let first_layer = order.first().map_or(n_layers, |&i| cones[i].start_layer);
+        let mut segments: Vec<Segment> = Vec::with_capacity(cones.len());
+        let mut x: Option<Tensor> = None;
+        let mut joined = 0;
+        for (l, layer_prefix) in prefix.iter().enumerate().take(n_layers).skip(first_layer) {
+            let mut parts: Vec<Tensor> = x.take().into_iter().collect();
+            let mut rows = segments.last().map_or(0, |s| s.row + s.len);
+            while let Some(&i) = order.get(joined).filter(|&&i| cones[i].start_layer == l) {
+                let len = cones[i].hidden.dim(0)?;
+                segments.push(Segment {
+                    cone: i,
+                    row: rows,
+                    len,
+                    offset: cones[i].offset,
+                });
+                rows += len;
+                parts.push(cones[i].hidden.clone());
+                joined += 1;
+            }
+            let packed = if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                Tensor::cat(&parts, 0)?
+            };
+            x = Some(self.cone_layer(l, &packed, &segments, layer_prefix, l + 1 == n_layers)?);
+        }
+        // After the last layer `x` holds one row per segment (its last token); cones that start
+        // after the last layer contribute their input's last token unchanged.
+        let mut finals: Vec<Tensor> = x.into_iter().collect();
+        let mut final_cones: Vec<usize> = segments.iter().map(|s| s.cone).collect();
+        for &i in &order[joined..] {
+            let h = &cones[i].hidden;
+            finals.push(h.narrow(0, h.dim(0)? - 1, 1)?);
+            final_cones.push(i);
+        }
+        if finals.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        let finals = Tensor::cat(&finals, 0)?;
+        let mut pick = vec![0u32; cones.len()];
+        for (row, &cone) in final_cones.iter().enumerate() {
+            pick[cone] = row as u32;
+        }
+        let finals = finals.index_select(&Tensor::from_vec(pick, cones.len(), &self.device)?, 0)?;
+        let normed = candle_nn::ops::rms_norm(&finals, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        Ok(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// One decoder layer on the packed tokens `x` (`[tokens, hidden]`) of `segments`. With
+    /// `last_only` it returns only each segment's last token, `[segments, hidden]`.
+    fn cone_layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        segments: &[Segment],
+        prefix: &LayerKv,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let layer = &self.layers[l];
+        let attn = &layer.attn;
+        let eps = cfg.rms_norm_eps as f32;
+        let (hd, heads, kv_heads) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let rep = heads / kv_heads;
+        let dev = &self.device;
+        let tokens = x.dim(0)?;
+
+        // Keys and values of every packed token, each rotated by its own absolute position.
+        let positions: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| (s.offset..s.offset + s.len).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(positions, tokens, dev)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let normed = candle_nn::ops::rms_norm(x, &layer.input_layernorm, eps)?;
+        let k = attn.k_proj.forward(&normed)?.reshape((1, tokens, kv_heads, hd))?;
+        let k = match &attn.k_norm {
+            Some(w) => candle_nn::ops::rms_norm(&k.contiguous()?, w, eps)?,
+            None => k,
+        };
+        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
+        let v = attn.v_proj.forward(&normed)?.reshape((tokens, kv_heads, hd))?;
+
+        // Queries: every token, or only each segment's last one.
+        let (x, normed, cos, sin) = if last_only {
+            let rows: Vec<u32> = segments.iter().map(|s| (s.row + s.len - 1) as u32).collect();
+            let rows = Tensor::from_vec(rows, segments.len(), dev)?;
+            (
+                x.index_select(&rows, 0)?,
+                normed.index_select(&rows, 0)?,
+                cos.index_select(&rows, 0)?,
+                sin.index_select(&rows, 0)?,
+            )
+        } else {
+            (x.clone(), normed, cos, sin)
+        };
+        let n_queries = normed.dim(0)?;
+        let q = attn.q_proj.forward(&normed)?.reshape((1, n_queries, heads, hd))?;
+        let q = match &attn.q_norm {
+            Some(w) => candle_nn::ops::rms_norm(&q.contiguous()?, w, eps)?,
+            None => q,
+        };
+        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
+
+        // Attention per cone, padded to the longest: queries `[cones, lmax]`, key slots
+        // `[cones, slots]` where slot s is absolute position s (the prefix before the cone's offset,
+        // the cone's own tokens from it).
+        let n = segments.len();
+        let q_len = |s: &Segment| if last_only { 1 } else { s.len };
+        let lmax = segments.iter().map(q_len).max().unwrap_or(1);
+        let slots = segments.iter().map(|s| s.offset + s.len).max().unwrap_or(1);
+        let prefix_len = prefix.k.dim(2)?;
+        let mut q_rows = Vec::with_capacity(n * lmax);
+        let mut k_rows = Vec::with_capacity(n * slots);
+        let mut mask = Vec::with_capacity(n * lmax * slots);
+        let mut back = Vec::with_capacity(n_queries);
+        for (i, s) in segments.iter().enumerate() {
+            let ql = q_len(s);
+            let first_query = if last_only { i } else { s.row };
+            let first_pos = s.offset + s.len - ql;
+            for j in 0..lmax {
+                let valid = j < ql;
+                q_rows.push((first_query + if valid { j } else { 0 }) as u32);
+                if valid {
+                    back.push((i * lmax + j) as u32);
+                }
+                // Padding queries see slot 0 only, so their (discarded) softmax stays finite.
+                let pos = first_pos + j;
+                mask.extend((0..slots).map(|slot| {
+                    let visible = if valid { slot <= pos } else { slot == 0 };
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                }));
+            }
+            k_rows.extend((0..slots).map(|slot| {
+                (if slot < s.offset {
+                    slot
+                } else if slot < s.offset + s.len {
+                    prefix_len + s.row + (slot - s.offset)
+                } else {
+                    0
+                }) as u32
+            }));
+        }
+        let gather = |packed: &Tensor, cached: &Tensor| -> Result<Tensor> {
+            let cached = cached.squeeze(0)?.transpose(0, 1)?.contiguous()?; // [prefix, kv_heads, hd]
+            let src = Tensor::cat(&[&cached, packed], 0)?;
+            let rows = Tensor::from_vec(k_rows.clone(), n * slots, dev)?;
+            Ok(src
+                .index_select(&rows, 0)?
+                .reshape((n, slots, kv_heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let keys = gather(&k, &prefix.k)?; // [n, kv_heads, slots, hd]
+        let values = gather(&v.contiguous()?, &prefix.v)?;
+        // Query heads sharing a key/value head sit together (head = kv * rep + r), so no repeat_kv.
+        let q = q
+            .index_select(&Tensor::from_vec(q_rows, n * lmax, dev)?, 0)?
+            .reshape((n, lmax, kv_heads, rep, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .contiguous()?
+            .reshape((n, kv_heads, rep * lmax, hd))?;
+        let mask = Tensor::from_vec(mask, (n, 1, 1, lmax, slots), dev)?.to_dtype(self.dtype)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?
+            .reshape((n, kv_heads, rep, lmax, slots))?
+            .broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(self.dtype)?
+            .reshape((n, kv_heads, rep * lmax, slots))?;
+        let out = probs
+            .matmul(&values)?
+            .reshape((n, kv_heads, rep, lmax, hd))?
+            .permute((0, 3, 1, 2, 4))?
+            .contiguous()?
+            .reshape((n * lmax, heads * hd))?
+            .index_select(&Tensor::from_vec(back, n_queries, dev)?, 0)?;
+        let mid = (x + attn.o_proj.forward(&out)?)?;
+        let mlp = layer.mlp.forward(&mid, &layer.post_attention_layernorm, eps)?;
+        Ok((mid + mlp)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -369,20 +636,39 @@ fn scale_frequency(inv_freq: f64, scaling: &RopeScaling) -> f64 {
     }
 }
 
-/// Indices of the `k` largest values of a 1-D f32 slice, largest first.
+/// Indices of the `k` largest values of a 1-D f32 slice, largest first (earlier index first on ties).
 pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    let k = k.min(values.len());
+    // One pass keeping the best k in order: O(n) with a tiny constant for the small k of an inspector.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     if k == 0 {
-        return Vec::new();
+        return best;
     }
-    idx.select_nth_unstable_by(k - 1, |&a, &b| values[b as usize].total_cmp(&values[a as usize]));
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| values[b as usize].total_cmp(&values[a as usize]));
-    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+    for (i, &v) in values.iter().enumerate() {
+        if best.len() == k && v.total_cmp(&best[k - 1].1) != std::cmp::Ordering::Greater {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b.total_cmp(&v) != std::cmp::Ordering::Less);
+        best.insert(at, (i as u32, v));
+        best.truncate(k);
+    }
+    best
 }
 
 /// Splits the last-position logits `[batch, vocab]` into per-row vectors.
 pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_returns_the_largest_values_largest_first() {
+        let values = [0.5, 3.0, -1.0, 3.0, 7.5, 2.0, f32::NEG_INFINITY];
+        assert_eq!(top_k(&values, 3), vec![(4, 7.5), (1, 3.0), (3, 3.0)]);
+        assert_eq!(top_k(&values, 0), vec![]);
+        assert_eq!(top_k(&values, 10).len(), values.len());
+        assert_eq!(top_k(&[], 2), vec![]);
+    }
 }

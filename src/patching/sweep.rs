@@ -1,5 +1,14 @@
 //! Sweeps: validate the prompts and answers, run the clean and corrupted baselines, then patch
 //! every layer × position and stream each finished cell.
+//!
+//! Two schedules compute the same cells:
+//! - [`Schedule::Fast`] (default) runs only each patch's causal cone. A patch at (layer L,
+//!   position P) changes nothing before L and nothing at positions before P, so a cell starts from
+//!   the corrupted run's residual stream with the patched value written in, attends to the
+//!   corrupted run's cached keys/values for positions < P, and many cells share one packed forward
+//!   ([`Transformer::forward_cones`](crate::model::Transformer::forward_cones)).
+//! - [`Schedule::Naive`] runs one full corrupted forward per cell, as a notebook loop does: the
+//!   baseline the fast schedule is measured and tested against.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +22,17 @@ use super::metric::{logit_diff, normalized};
 use super::result::{AnswerRecord, Cell, FORMAT, ModelRecord, PromptRecord, SweepResult, Timing, TopToken};
 use crate::error::{Error, Result};
 use crate::model::transformer::{logits_rows, top_k};
-use crate::model::{Hooks, Model, NoHooks, Site, Span};
+use crate::model::{Cone, Hooks, LayerKv, Model, Site, Span};
 
 /// How many next-token candidates are kept per run.
 pub const DEFAULT_TOP_K: usize = 10;
-/// Cells run together in one batched forward (one batch row each).
-pub const DEFAULT_BATCH_CELLS: usize = 32;
+/// Naive schedule: cells per forward. 1 = one forward per cell, as a notebook loop runs them.
+pub const DEFAULT_BATCH_CELLS: usize = 1;
+/// Fast schedule: the first block of cells costs about this fraction of the whole sweep, so cells
+/// reach the UI early; each later block doubles (fewer, larger forwards keep the matmuls efficient).
+const FAST_FIRST_BLOCK_FRACTION: f64 = 1.0 / 32.0;
+/// Fast schedule: at most this many bytes of f32 logits per block (bounds memory on big vocabularies).
+const FAST_MAX_BLOCK_LOGIT_BYTES: usize = 64 << 20;
 
 /// What to sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,19 +46,37 @@ pub struct SweepRequest {
     pub component: Component,
 }
 
+/// A sweep given as token ids rather than text (models without a tokenizer, synthetic benchmarks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSweepRequest {
+    pub clean_ids: Vec<u32>,
+    pub corrupted_ids: Vec<u32>,
+    pub correct_id: u32,
+    pub incorrect_id: u32,
+    pub component: Component,
+}
+
 /// How cells are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
-    /// One full forward of the corrupted prompt per cell (batched), as notebooks do.
+    /// Only each patch's causal cone (later layers, later positions), many cells per packed forward,
+    /// late-position cells first so every layer row fills early.
     #[default]
+    Fast,
+    /// One full forward of the corrupted prompt per cell (`batch_cells` rows per forward), as
+    /// notebooks do: the baseline.
     Naive,
 }
 
 impl Schedule {
+    /// Every schedule.
+    pub const ALL: [Schedule; 2] = [Schedule::Fast, Schedule::Naive];
+
     /// The name used on the command line and in results.
     pub fn name(self) -> &'static str {
         match self {
+            Schedule::Fast => "fast",
             Schedule::Naive => "naive",
         }
     }
@@ -52,8 +84,9 @@ impl Schedule {
     /// Parses a schedule name.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim() {
+            "fast" => Ok(Schedule::Fast),
             "naive" => Ok(Schedule::Naive),
-            other => Err(Error::Input(format!("unknown schedule '{other}': use naive"))),
+            other => Err(Error::Input(format!("unknown schedule '{other}': use fast or naive"))),
         }
     }
 }
@@ -62,7 +95,9 @@ impl Schedule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SweepOptions {
     pub schedule: Schedule,
+    /// Next-token candidates kept per cell.
     pub top_k: usize,
+    /// Naive schedule only: cells per batched forward (the fast schedule sizes its own blocks).
     pub batch_cells: usize,
 }
 
@@ -82,6 +117,13 @@ pub struct Sweep<'m> {
     result: SweepResult,
     /// The clean run's activation at the swept site, per layer, `[1, seq, hidden]`.
     clean_acts: Vec<Tensor>,
+    /// The corrupted run's residual stream, `[seq, hidden]`: resid_pre of every layer, then the
+    /// last layer's resid_post (where a cone that starts after the last layer begins).
+    corrupted_stream: Vec<Tensor>,
+    /// The corrupted run's resid_mid per layer, `[seq, hidden]`.
+    corrupted_mid: Vec<Tensor>,
+    /// The corrupted run's keys/values per layer, `[1, kv_heads, seq, head_dim]`.
+    corrupted_kv: Vec<LayerKv>,
     /// First position where the prompts' tokens differ (`seq` when they are identical).
     first_diff: usize,
     baseline_seconds: f64,
@@ -198,7 +240,8 @@ fn token_list(p: &PromptRecord) -> String {
 /// The most likely next tokens of one logits row, with softmax probabilities.
 pub fn top_tokens(model: &Model, logits: &[f32], k: usize) -> Vec<TopToken> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    // f32 exponentials (each ≤ 1) summed in f64: ample for probabilities, 3× cheaper than f64 exp.
+    let sum: f64 = logits.iter().map(|&l| f64::from((l - max).exp())).sum();
     top_k(logits, k)
         .into_iter()
         .map(|(id, logit)| TopToken {
@@ -228,6 +271,83 @@ impl<'m> Sweep<'m> {
         }
         let correct = answer_token(model, "correct", &request.correct)?;
         let incorrect = answer_token(model, "incorrect", &request.incorrect)?;
+        Self::from_records(
+            model,
+            start,
+            [clean, corrupted],
+            [correct, incorrect],
+            request.component,
+            top_k,
+        )
+    }
+
+    /// Like [`Sweep::prepare`], for prompts and answers given as token ids.
+    pub fn prepare_tokens(model: &'m Model, request: &TokenSweepRequest, top_k: usize) -> Result<Self> {
+        let start = Instant::now();
+        let vocab = model.config.vocab_size;
+        let max = model.config.max_position_embeddings;
+        let prompt = |which: &str, ids: &[u32]| -> Result<PromptRecord> {
+            if ids.is_empty() || ids.len() > max {
+                return Err(Error::Input(format!(
+                    "the {which} prompt has {} tokens; give 1 to {max}",
+                    ids.len()
+                )));
+            }
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::Input(format!(
+                    "the {which} prompt has token id {bad}; the vocabulary has {vocab}"
+                )));
+            }
+            let tokens = model.tokenizer.token_texts(ids);
+            Ok(PromptRecord {
+                text: tokens.concat(),
+                token_ids: ids.to_vec(),
+                tokens,
+            })
+        };
+        let answer = |which: &str, id: u32| -> Result<AnswerRecord> {
+            if id as usize >= vocab {
+                return Err(Error::Input(format!(
+                    "the {which} answer is token id {id}; the vocabulary has {vocab}"
+                )));
+            }
+            let token = model.tokenizer.token_text(id);
+            Ok(AnswerRecord {
+                text: token.clone(),
+                token_id: id,
+                token,
+            })
+        };
+        let clean = prompt("clean", &request.clean_ids)?;
+        let corrupted = prompt("corrupted", &request.corrupted_ids)?;
+        if clean.token_ids.len() != corrupted.token_ids.len() {
+            return Err(Error::Input(format!(
+                "the prompts have different lengths (clean {}, corrupted {} tokens); they must be equally long",
+                clean.token_ids.len(),
+                corrupted.token_ids.len()
+            )));
+        }
+        let correct = answer("correct", request.correct_id)?;
+        let incorrect = answer("incorrect", request.incorrect_id)?;
+        Self::from_records(
+            model,
+            start,
+            [clean, corrupted],
+            [correct, incorrect],
+            request.component,
+            top_k,
+        )
+    }
+
+    /// Runs the baselines for validated, equally long prompts and caches what both schedules need.
+    fn from_records(
+        model: &'m Model,
+        start: Instant,
+        [clean, corrupted]: [PromptRecord; 2],
+        [correct, incorrect]: [AnswerRecord; 2],
+        component: Component,
+        top_k: usize,
+    ) -> Result<Self> {
         if correct.token_id == incorrect.token_id {
             return Err(Error::Input(format!(
                 "the correct and incorrect answers are the same token ({:?}); the logit difference would always be 0",
@@ -240,22 +360,53 @@ impl<'m> Sweep<'m> {
             .unwrap_or(seq);
 
         let t = &model.transformer;
-        let site = request.component.site();
+        let site = component.site();
         let layers = model.config.num_layers;
+        // Both baselines in one batched forward (row 0 clean, row 1 corrupted); the corrupted row
+        // also keeps what the fast schedule starts cones from.
+        let mut sites = vec![site, Site::ResidPre, Site::ResidMid, Site::ResidPost];
+        sites.sort();
+        sites.dedup();
         let mut capture = Capture {
-            sites: vec![site],
+            sites,
             acts: HashMap::new(),
         };
-        let clean_run = t.forward(t.embed(&[&clean.token_ids])?, Span::default(), &mut capture)?;
-        let corrupted_run = t.forward(t.embed(&[&corrupted.token_ids])?, Span::default(), &mut NoHooks)?;
-        let clean_logits = logits_rows(&clean_run.last_logits)?.remove(0);
-        let corrupted_logits = logits_rows(&corrupted_run.last_logits)?.remove(0);
+        let baselines = t.forward(
+            t.embed(&[&clean.token_ids, &corrupted.token_ids])?,
+            Span {
+                keep_kv: true,
+                ..Span::default()
+            },
+            &mut capture,
+        )?;
+        let [clean_logits, corrupted_logits]: [Vec<f32>; 2] = logits_rows(&baselines.last_logits)?
+            .try_into()
+            .map_err(|_| Error::Input("internal: the baselines did not return two rows".into()))?;
+        let act = |site: Site, l: usize| {
+            capture
+                .acts
+                .get(&(site, l))
+                .cloned()
+                .ok_or_else(|| Error::Input(format!("internal: no {site:?} activation captured at layer {l}")))
+        };
         let clean_acts = (0..layers)
-            .map(|l| {
-                capture
-                    .acts
-                    .remove(&(site, l))
-                    .ok_or_else(|| Error::Input(format!("internal: no clean activation captured at layer {l}")))
+            .map(|l| Ok(act(site, l)?.narrow(0, 0, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut corrupted_stream = (0..layers)
+            .map(|l| Ok(act(Site::ResidPre, l)?.get(1)?))
+            .collect::<Result<Vec<_>>>()?;
+        corrupted_stream.push(act(Site::ResidPost, layers - 1)?.get(1)?);
+        let corrupted_mid = (0..layers)
+            .map(|l| Ok(act(Site::ResidMid, l)?.get(1)?))
+            .collect::<Result<Vec<_>>>()?;
+        let corrupted_kv = baselines
+            .kv
+            .iter()
+            .map(|kv| {
+                Ok(LayerKv {
+                    k: kv.k.narrow(0, 1, 1)?,
+                    v: kv.v.narrow(0, 1, 1)?,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
 
@@ -279,7 +430,7 @@ impl<'m> Sweep<'m> {
                 dtype: model.dtype_name(),
                 device: model.device_name(),
             },
-            component: request.component,
+            component,
             metric: "normalized_logit_diff".to_owned(),
             metric_definition: "(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted), \
                 LD = logit[correct] - logit[incorrect] at the last position"
@@ -308,6 +459,9 @@ impl<'m> Sweep<'m> {
             model,
             result,
             clean_acts,
+            corrupted_stream,
+            corrupted_mid,
+            corrupted_kv,
             first_diff,
             baseline_seconds: start.elapsed().as_secs_f64(),
         })
@@ -358,30 +512,32 @@ impl<'m> Sweep<'m> {
         let cells: Vec<(usize, usize)> = (0..layers)
             .flat_map(|l| (self.first_diff..seq).map(move |p| (l, p)))
             .collect();
+        let blocks: Vec<Vec<(usize, usize)>> = match options.schedule {
+            Schedule::Fast => self.fast_blocks(cells),
+            Schedule::Naive => cells
+                .chunks(options.batch_cells.max(1))
+                .map(<[(usize, usize)]>::to_vec)
+                .collect(),
+        };
+        // The patched residual stream the fast schedule's cones start from.
+        let starts = match options.schedule {
+            Schedule::Fast if !blocks.is_empty() => self.cone_starts()?,
+            _ => Vec::new(),
+        };
         let mut cancelled = false;
-        match options.schedule {
-            Schedule::Naive => {
-                for batch in cells.chunks(options.batch_cells.max(1)) {
-                    if cancel.load(Ordering::Relaxed) {
-                        cancelled = true;
-                        break;
-                    }
-                    let logits = self.naive_batch(batch)?;
-                    for (&(layer, position), row) in batch.iter().zip(logits) {
-                        let patched = logit_diff(&row, self.result.correct.token_id, self.result.incorrect.token_id);
-                        let cell = Cell {
-                            layer,
-                            position,
-                            patched_logit_diff: patched,
-                            value: normalized(patched, clean_ld, corrupted_ld),
-                            skipped: false,
-                            top_k: top_tokens(self.model, &row, options.top_k),
-                        };
-                        on_cell(&cell);
-                        self.result.insert(cell);
-                        self.result.timing.cells_computed += 1;
-                    }
-                }
+        for block in &blocks {
+            if cancel.load(Ordering::Relaxed) {
+                cancelled = true;
+                break;
+            }
+            let logits = match options.schedule {
+                Schedule::Fast => self.fast_block(block, &starts)?,
+                Schedule::Naive => self.naive_batch(block)?,
+            };
+            for cell in self.block_cells(block, logits, options.top_k) {
+                on_cell(&cell);
+                self.result.insert(cell);
+                self.result.timing.cells_computed += 1;
             }
         }
         self.result.complete = !cancelled;
@@ -389,6 +545,137 @@ impl<'m> Sweep<'m> {
         self.result.timing.baseline_seconds = self.baseline_seconds;
         self.result.timing.sweep_seconds = self.baseline_seconds + start.elapsed().as_secs_f64();
         Ok(self.result)
+    }
+
+    /// The finished cells of one block from its logits rows, in block order. Spread over the cores:
+    /// a softmax and top-k over a large vocabulary per cell is not free.
+    fn block_cells(&self, block: &[(usize, usize)], logits: Vec<Vec<f32>>, top_k: usize) -> Vec<Cell> {
+        let (clean_ld, corrupted_ld) = (self.result.clean_logit_diff, self.result.corrupted_logit_diff);
+        let (correct, incorrect) = (self.result.correct.token_id, self.result.incorrect.token_id);
+        let model = self.model;
+        let cell = |&(layer, position): &(usize, usize), row: &Vec<f32>| {
+            let patched = logit_diff(row, correct, incorrect);
+            Cell {
+                layer,
+                position,
+                patched_logit_diff: patched,
+                value: normalized(patched, clean_ld, corrupted_ld),
+                skipped: false,
+                top_k: top_tokens(model, row, top_k),
+            }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = block.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = block
+                .chunks(per_thread)
+                .zip(logits.chunks(per_thread))
+                .map(|(cells, rows)| {
+                    scope.spawn(move || cells.iter().zip(rows).map(|(c, r)| cell(c, r)).collect::<Vec<Cell>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect::<Vec<Cell>>()
+        })
+    }
+
+    /// Orders the fast schedule's cells and groups them into blocks, one packed forward each.
+    ///
+    /// Late layers first: their cones are short, so the first block is cheap and reaches the UI
+    /// quickly, and a block of consecutive layers shares every weight read from its first layer on.
+    /// The first block costs about [`FAST_FIRST_BLOCK_FRACTION`] of the sweep and each later one
+    /// twice the one before, so the bulk runs in a few large, efficient forwards. Blocks end at a
+    /// layer boundary, and a remainder smaller than half the next block joins the current one.
+    fn fast_blocks(&self, mut cells: Vec<(usize, usize)>) -> Vec<Vec<(usize, usize)>> {
+        let cfg = &self.model.config;
+        let seq = self.result.positions();
+        cells.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+        // Cost in token-layers: the cone's layers × tokens, plus the unembedding of one row.
+        let layer_params = cfg.hidden_size
+            * (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim + 3 * cfg.intermediate_size);
+        let head_cost = (cfg.vocab_size * cfg.hidden_size).div_ceil(layer_params.max(1));
+        let cost = |&(l, p): &(usize, usize)| (cfg.num_layers - self.cone_start_layer(l)) * (seq - p) + head_cost;
+        let mut remaining: usize = cells.iter().map(cost).sum();
+        let max_cells = (FAST_MAX_BLOCK_LOGIT_BYTES / (4 * cfg.vocab_size.max(1))).max(1);
+        let mut budget = ((remaining as f64 * FAST_FIRST_BLOCK_FRACTION) as usize).max(1);
+        let mut blocks = Vec::new();
+        let mut block: Vec<(usize, usize)> = Vec::new();
+        let mut spent = 0;
+        for (i, cell) in cells.iter().enumerate() {
+            spent += cost(cell);
+            remaining -= cost(cell);
+            block.push(*cell);
+            let layer_ends = cells.get(i + 1).is_none_or(|next| next.0 != cell.0);
+            let full = block.len() >= max_cells;
+            if full || (layer_ends && spent >= budget && remaining >= budget) {
+                blocks.push(std::mem::take(&mut block));
+                spent = 0;
+                budget *= 2;
+            }
+        }
+        if !block.is_empty() {
+            blocks.push(block);
+        }
+        blocks
+    }
+
+    /// The layer whose resid_pre a cone for a patch at `layer` starts from: the patched layer itself
+    /// for resid_pre; the next one for resid_post, attn_out and mlp_out, whose patched resid_post is
+    /// computed directly (nothing else in the layer changes at the patched position).
+    fn cone_start_layer(&self, layer: usize) -> usize {
+        match self.result.component {
+            Component::ResidPre => layer,
+            Component::ResidPost | Component::AttnOut | Component::MlpOut => layer + 1,
+        }
+    }
+
+    /// Per patched layer: the patched residual stream a cone starts from, `[seq - first_diff, hidden]`,
+    /// row i for a patch at position `first_diff + i`.
+    fn cone_starts(&self) -> Result<Vec<Tensor>> {
+        let seq = self.result.positions();
+        let (from, len) = (self.first_diff, seq - self.first_diff);
+        (0..self.result.layers())
+            .map(|l| {
+                let clean = self.clean_acts[l].squeeze(0)?.narrow(0, from, len)?;
+                Ok(match self.result.component {
+                    Component::ResidPre | Component::ResidPost => clean,
+                    // resid_post = resid_mid + mlp_out.
+                    Component::MlpOut => (self.corrupted_mid[l].narrow(0, from, len)? + clean)?,
+                    // resid_mid = resid_pre + attn_out; the layer's MLP then runs on it.
+                    Component::AttnOut => {
+                        let mid = (self.corrupted_stream[l].narrow(0, from, len)? + clean)?;
+                        self.model.transformer.mlp_residual(l, &mid)?
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// The fast schedule: one packed forward of the causal cones of `block`'s cells.
+    fn fast_block(&self, block: &[(usize, usize)], starts: &[Tensor]) -> Result<Vec<Vec<f32>>> {
+        let seq = self.result.positions();
+        let cones = block
+            .iter()
+            .map(|&(layer, position)| {
+                let start_layer = self.cone_start_layer(layer);
+                let patched = starts[layer].narrow(0, position - self.first_diff, 1)?;
+                let hidden = if position + 1 < seq {
+                    let rest = self.corrupted_stream[start_layer].narrow(0, position + 1, seq - position - 1)?;
+                    Tensor::cat(&[&patched, &rest], 0)?
+                } else {
+                    patched
+                };
+                Ok(Cone {
+                    start_layer,
+                    offset: position,
+                    hidden,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let logits = self.model.transformer.forward_cones(&cones, &self.corrupted_kv)?;
+        logits_rows(&logits)
     }
 
     /// One full corrupted forward per cell, batched: returns last-position logits per cell.

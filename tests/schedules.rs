@@ -1,0 +1,220 @@
+//! The fast schedule (causal cones, packed) computes the same cells as the naive one (one full
+//! forward per cell), for every component, on the random-weight models and on SmolLM2.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
+
+use common::{TempDir, fixture_json, smollm2_gguf, write_tiny_model};
+use patchbay::model::{DeviceChoice, Model, ModelSource};
+use patchbay::patching::Component;
+use patchbay::patching::result::SweepResult;
+use patchbay::patching::sweep::{Schedule, Sweep, SweepOptions, SweepRequest, TokenSweepRequest};
+
+/// The bar: both schedules agree within this in raw logit difference on every cell.
+const SCHEDULE_TOLERANCE: f64 = 1e-4;
+
+fn options(schedule: Schedule) -> SweepOptions {
+    SweepOptions {
+        schedule,
+        // Rows per naive forward: the cells are the same, the test just runs faster.
+        batch_cells: 32,
+        ..SweepOptions::default()
+    }
+}
+
+fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
+    let mut streamed = 0;
+    let result = prepared
+        .run(&options(schedule), &AtomicBool::new(false), &mut |_| streamed += 1)
+        .unwrap();
+    assert!(result.complete);
+    assert_eq!(
+        streamed,
+        result.layers() * result.positions(),
+        "every cell is streamed once"
+    );
+    assert_eq!(result.done_cells(), streamed);
+    assert_eq!(result.timing.schedule, schedule.name());
+    result
+}
+
+/// Every cell agrees: raw logit difference, skipped flag, and the top-k logits.
+fn assert_same_cells(naive: &SweepResult, fast: &SweepResult, what: &str) {
+    assert_eq!(naive.shape, fast.shape);
+    assert_eq!(naive.timing.cells_computed, fast.timing.cells_computed, "{what}");
+    assert_eq!(naive.skipped, fast.skipped, "{what}: skipped cells");
+    let mut worst = (0.0f64, 0, 0);
+    for l in 0..naive.layers() {
+        for p in 0..naive.positions() {
+            let a = naive.patched_logit_diff[l][p].expect("naive computed every cell");
+            let b = fast.patched_logit_diff[l][p].expect("fast computed every cell");
+            if (a - b).abs() > worst.0 {
+                worst = ((a - b).abs(), l, p);
+            }
+            let (ka, kb) = (&naive.top_k[l][p], &fast.top_k[l][p]);
+            assert_eq!(ka.len(), kb.len(), "{what} ({l}, {p}): top-k length");
+            for (x, y) in ka.iter().zip(kb) {
+                assert!(
+                    (f64::from(x.logit) - f64::from(y.logit)).abs() <= SCHEDULE_TOLERANCE,
+                    "{what} ({l}, {p}): top-k logits {} vs {}",
+                    x.logit,
+                    y.logit
+                );
+            }
+        }
+    }
+    assert!(
+        worst.0 <= SCHEDULE_TOLERANCE,
+        "{what}: naive and fast differ by {:e} in raw logit difference at (layer, position) = ({}, {})",
+        worst.0,
+        worst.1,
+        worst.2
+    );
+}
+
+fn tiny_models() -> Vec<(String, serde_json::Value)> {
+    fixture_json("tiny_reference.json")["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_owned(), m["config"].clone()))
+        .collect()
+}
+
+fn load_tiny(name: &str, config: &serde_json::Value) -> (TempDir, Model) {
+    let dir = TempDir::new(&format!("schedules-{name}"));
+    write_tiny_model(&dir.0, config);
+    let model = Model::load(
+        &ModelSource::Folder(dir.0.clone()),
+        DeviceChoice::Cpu,
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    (dir, model)
+}
+
+#[test]
+fn tiny_models_agree_on_every_component() {
+    let prompts = fixture_json("tiny_reference.json")["prompts"].clone();
+    for (name, config) in tiny_models() {
+        let (_dir, model) = load_tiny(&name, &config);
+        for component in Component::ALL {
+            let request = SweepRequest {
+                clean: prompts["clean"].as_str().unwrap().into(),
+                corrupted: prompts["corrupted"].as_str().unwrap().into(),
+                correct: prompts["correct"].as_str().unwrap().into(),
+                incorrect: prompts["incorrect"].as_str().unwrap().into(),
+                component,
+            };
+            let naive = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Naive);
+            let fast = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Fast);
+            assert_same_cells(&naive, &fast, &format!("{name} {component}"));
+        }
+    }
+}
+
+/// Prompts that differ at their first token (cones with no cached prefix), in two places, and not
+/// at all (nothing to compute).
+#[test]
+fn tiny_models_agree_wherever_the_prompts_differ() {
+    let cases: [(&str, Vec<u32>, Vec<u32>); 3] = [
+        ("first token", vec![5, 17, 33, 8, 90, 12], vec![6, 17, 33, 8, 90, 12]),
+        (
+            "two tokens",
+            vec![5, 17, 33, 8, 90, 12, 7],
+            vec![5, 17, 34, 8, 90, 11, 7],
+        ),
+        ("identical", vec![5, 17, 33, 8], vec![5, 17, 33, 8]),
+    ];
+    for (name, config) in tiny_models() {
+        let (_dir, model) = load_tiny(&name, &config);
+        for (case, clean_ids, corrupted_ids) in &cases {
+            for component in Component::ALL {
+                let request = TokenSweepRequest {
+                    clean_ids: clean_ids.clone(),
+                    corrupted_ids: corrupted_ids.clone(),
+                    correct_id: 3,
+                    incorrect_id: 4,
+                    component,
+                };
+                let naive = run(Sweep::prepare_tokens(&model, &request, 5).unwrap(), Schedule::Naive);
+                let fast = run(Sweep::prepare_tokens(&model, &request, 5).unwrap(), Schedule::Fast);
+                assert_same_cells(&naive, &fast, &format!("{name} {component} ({case})"));
+                if *case == "identical" {
+                    assert_eq!(fast.timing.cells_computed, 0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cancelling_a_fast_sweep_keeps_the_cells_it_finished() {
+    let (name, config) = tiny_models().remove(0);
+    let (_dir, model) = load_tiny(&name, &config);
+    let request = TokenSweepRequest {
+        clean_ids: (10..26).collect(),
+        corrupted_ids: (10..26).map(|i| if i == 19 { 99 } else { i }).collect(),
+        correct_id: 3,
+        incorrect_id: 4,
+        component: Component::ResidPost,
+    };
+    let cancel = AtomicBool::new(false);
+    let mut computed = 0;
+    let result = Sweep::prepare_tokens(&model, &request, 5)
+        .unwrap()
+        .run(&options(Schedule::Fast), &cancel, &mut |cell| {
+            if !cell.skipped {
+                computed += 1;
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+    assert!(!result.complete);
+    assert!(
+        computed > 0 && computed < result.layers() * 7,
+        "{computed} cells before stopping"
+    );
+    assert_eq!(result.timing.cells_computed, computed);
+}
+
+fn smollm2() -> Option<&'static Model> {
+    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = smollm2_gguf()?;
+            Some(Model::load(&ModelSource::Gguf(path), DeviceChoice::Cpu, None, &mut |_| {}).expect("SmolLM2 loads"))
+        })
+        .as_ref()
+}
+
+fn smollm2_agrees(component: Component) {
+    let Some(model) = smollm2() else { return };
+    let r = fixture_json("smollm2_ioi.json");
+    let request = SweepRequest {
+        clean: r["clean_prompt"].as_str().unwrap().into(),
+        corrupted: r["corrupted_prompt"].as_str().unwrap().into(),
+        correct: " John".into(),
+        incorrect: " Mary".into(),
+        component,
+    };
+    let naive = run(Sweep::prepare(model, &request, 10).unwrap(), Schedule::Naive);
+    let fast = run(Sweep::prepare(model, &request, 10).unwrap(), Schedule::Fast);
+    assert_eq!(fast.timing.cells_computed, 30 * 7);
+    assert_same_cells(&naive, &fast, &format!("SmolLM2 {component}"));
+}
+
+// Naive SmolLM2 sweeps take ~25 s each in a debug build: the residual stream and the attention
+// output (the one whose cone starts after a recomputed MLP) here; the tiny models cover all four.
+#[test]
+fn smollm2_resid_post_agrees() {
+    smollm2_agrees(Component::ResidPost);
+}
+
+#[test]
+fn smollm2_attn_out_agrees() {
+    smollm2_agrees(Component::AttnOut);
+}
