@@ -121,8 +121,9 @@ pub struct SweepArgs {
 pub const IOI_CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
 /// The corrupted IOI prompt (the second name swapped).
 pub const IOI_CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
-/// Where scripts/fetch-test-model.sh puts the SmolLM2 GGUF: the benchmark's default model.
-pub const BENCH_DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The benchmark's default model: the SmolLM2 GGUF that scripts/fetch-test-model.sh puts in
+/// `$PATCHBAY_CACHE/models/` (default `.cache/models/`).
+pub const BENCH_DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Synthetic benchmark prompts: this many tokens, differing at [`SYNTHETIC_DIFF_POSITION`].
 pub const SYNTHETIC_PROMPT_TOKENS: usize = 16;
 /// Where the synthetic clean and corrupted prompts differ (like IOI's second name).
@@ -132,9 +133,9 @@ pub const SYNTHETIC_DIFF_POSITION: usize = 9;
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// A Hub repo id, model folder or .gguf file (default: the SmolLM2 GGUF that
-    /// scripts/fetch-test-model.sh fetches).
-    #[arg(long, short, default_value = BENCH_DEFAULT_MODEL, conflicts_with = "synthetic")]
-    pub model: String,
+    /// scripts/fetch-test-model.sh fetches into $PATCHBAY_CACHE/models, default .cache/models).
+    #[arg(long, short, conflicts_with = "synthetic")]
+    pub model: Option<String>,
     /// Instead of a model file, random weights in the shape of: qwen3-0.6b. Prompts are then token
     /// ids (16 tokens, differing at position 9).
     #[arg(long)]
@@ -419,7 +420,21 @@ fn bench(args: BenchArgs) -> Result<()> {
             shape: shape.clone(),
             seed: 0,
         },
-        None => ModelSource::parse(&args.model)?,
+        None => match &args.model {
+            Some(model) => ModelSource::parse(model)?,
+            None => {
+                let cache = std::env::var_os("PATCHBAY_CACHE").map_or_else(|| PathBuf::from(".cache"), PathBuf::from);
+                let path = cache.join("models").join(BENCH_DEFAULT_MODEL_FILE);
+                if !path.is_file() {
+                    return Err(Error::model_file(
+                        "the benchmark's default model is missing: run scripts/fetch-test-model.sh from the \
+                         repository root, or pass --model",
+                        path,
+                    ));
+                }
+                ModelSource::Gguf(path)
+            }
+        },
     };
     let device = DeviceChoice::parse(&args.device)?;
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
@@ -520,24 +535,33 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
     }
 
-    println!("\nsummary (median of {} rounds)", args.rounds);
+    // The best round shows what the code does when nothing else competes for the cores; the
+    // median, what a user on a busy machine sees.
+    println!("\nsummary over {} rounds: median (best)", args.rounds);
     let mut medians = Vec::new();
     for (schedule, rs) in schedules.iter().zip(&runs) {
-        let m = median(rs.iter().map(|r| r.seconds).collect()).unwrap_or_default();
+        let seconds: Vec<f64> = rs.iter().map(|r| r.seconds).collect();
+        let m = median(seconds.clone()).unwrap_or_default();
+        let best = seconds.iter().copied().fold(f64::INFINITY, f64::min);
         let first = median(rs.iter().filter_map(|r| r.first_cell_seconds).collect());
         let peak = rs.iter().filter_map(|r| r.peak_rss).max();
         println!(
-            "  {:<5} {:>8.3} s   first computed cell after {}   peak RSS {}",
+            "  {:<5} {:>8.3} s ({:.3} s)   first computed cell after {}   peak RSS {}",
             schedule.name(),
             m,
+            best,
             first.map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0)),
             fmt_bytes(peak)
         );
-        medians.push((*schedule, m));
+        medians.push((*schedule, m, best));
     }
-    let find = |s: Schedule| medians.iter().find(|(x, _)| *x == s).map(|(_, m)| *m);
-    if let (Some(naive), Some(fast)) = (find(Schedule::Naive), find(Schedule::Fast)) {
-        println!("  speed-up naive / fast = {:.1}x", naive / fast);
+    let find = |s: Schedule| medians.iter().find(|(x, ..)| *x == s).map(|&(_, m, b)| (m, b));
+    if let (Some((naive, naive_best)), Some((fast, fast_best))) = (find(Schedule::Naive), find(Schedule::Fast)) {
+        println!(
+            "  speed-up naive / fast = {:.1}x (best rounds: {:.1}x)",
+            naive / fast,
+            naive_best / fast_best
+        );
     }
     // The schedules must agree cell by cell.
     if let (Some(a), Some(b)) = (runs.first().and_then(|r| r.last()), runs.last().and_then(|r| r.last()))
