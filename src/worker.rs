@@ -26,7 +26,12 @@ const SHUTDOWN_WAIT: Duration = Duration::from_millis(300);
 #[derive(Debug, Clone)]
 pub enum Command {
     /// Load a model (replacing the current one).
-    LoadModel { source: ModelSource, device: DeviceChoice },
+    LoadModel {
+        source: ModelSource,
+        device: DeviceChoice,
+        /// None: the device's default (f32 on CPU, bf16 on CUDA).
+        dtype: Option<candle_core::DType>,
+    },
     /// Run a sweep on the loaded model.
     RunSweep {
         request: SweepRequest,
@@ -183,11 +188,11 @@ impl WorkerState {
     /// Handles one command; false when the UI has gone away.
     fn handle(&mut self, command: Command) -> bool {
         match command {
-            Command::LoadModel { source, device } => {
+            Command::LoadModel { source, device, dtype } => {
                 let events = self.events.clone();
                 let wake = &self.wake;
                 let mut last = Instant::now();
-                let loaded = Model::load(&source, device, None, &mut |p| {
+                let loaded = Model::load(&source, device, dtype, &mut |p| {
                     // Throttle download progress to ~20 updates a second.
                     let is_stage = matches!(p, LoadProgress::Stage(_));
                     if is_stage || last.elapsed() >= Duration::from_millis(50) {

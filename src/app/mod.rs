@@ -38,6 +38,8 @@ pub struct Settings {
     pub model: String,
     pub recent_models: Vec<String>,
     pub device: DeviceChoice,
+    /// "auto", "f32", "bf16" or "f16".
+    pub dtype: String,
     pub clean: String,
     pub corrupted: String,
     pub correct: String,
@@ -53,6 +55,7 @@ impl Default for Settings {
             model: DEFAULT_MODEL.to_owned(),
             recent_models: Vec::new(),
             device: DeviceChoice::Cpu,
+            dtype: "auto".to_owned(),
             clean: String::new(),
             corrupted: String::new(),
             correct: String::new(),
@@ -230,9 +233,21 @@ impl PatchbayApp {
             download: None,
             started: Instant::now(),
         });
+        let dtype = match self.settings.dtype.as_str() {
+            "auto" | "" => None,
+            name => match crate::model::parse_dtype(name) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.loading = None;
+                    self.model_error = Some(e.to_string());
+                    return;
+                }
+            },
+        };
         self.worker.send(Command::LoadModel {
             source,
             device: self.settings.device,
+            dtype,
         });
     }
 
@@ -448,6 +463,15 @@ impl PatchbayApp {
                     ui.selectable_value(&mut self.settings.device, DeviceChoice::Cpu, "CPU");
                     ui.selectable_value(&mut self.settings.device, DeviceChoice::Cuda(0), "CUDA:0");
                 });
+            egui::ComboBox::from_label("Dtype")
+                .selected_text(self.settings.dtype.as_str())
+                .show_ui(ui, |ui| {
+                    for d in ["auto", "f32", "bf16", "f16"] {
+                        ui.selectable_value(&mut self.settings.dtype, d.to_owned(), d);
+                    }
+                })
+                .response
+                .on_hover_text("auto: f32 on CPU, bf16 on CUDA. Press Load to apply a change.");
         });
         ui.horizontal_wrapped(|ui| {
             if let Some(l) = &self.loading {
