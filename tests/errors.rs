@@ -239,6 +239,8 @@ fn cli_sweep_writes_json_csv_npy_and_refuses_multi_token_answers() {
     let out = dir.0.join("r.json");
     let csv = dir.0.join("r.csv");
     let npy = dir.0.join("r.npy");
+    let png = dir.0.join("r.png");
+    let svg = dir.0.join("r.svg");
     let (code, stdout, stderr) = patchbay(
         &[
             "sweep",
@@ -260,10 +262,28 @@ fn cli_sweep_writes_json_csv_npy_and_refuses_multi_token_answers() {
             csv.to_str().unwrap(),
             "--npy",
             npy.to_str().unwrap(),
+            "--png",
+            png.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
         ],
         &[],
     );
     assert_eq!(code, 0, "{stderr}");
+    // Figures: a real PNG and an SVG whose title names model, component and metric.
+    let png_bytes = std::fs::read(&png).unwrap();
+    assert!(
+        png_bytes.starts_with(b"\x89PNG\r\n\x1a\n") && png_bytes.len() > 5_000,
+        "{} bytes",
+        png_bytes.len()
+    );
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") || svg_text.contains("<svg"), "SVG");
+    assert!(
+        svg_text.contains("mlp_out patching, normalized logit difference"),
+        "title in SVG"
+    );
+    assert!(svg_text.contains("bottle_12"), "token tick labels in SVG");
     assert!(stdout.contains("mlp_out patching"), "{stdout}");
     assert!(stderr.contains("cells"), "progress bar on stderr: {stderr}");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
