@@ -16,7 +16,7 @@ const FONT: &str = "sans-serif";
 const CELL_W: i32 = 44;
 const CELL_H: i32 = 22;
 const LEFT: i32 = 90;
-const TOP: i32 = 96;
+const TOP: i32 = 104;
 const COLORBAR_GAP: i32 = 30;
 const COLORBAR_W: i32 = 22;
 const RIGHT: i32 = 110;
@@ -43,7 +43,7 @@ pub fn figure_size(result: &SweepResult) -> (u32, u32) {
 /// The figure's title.
 pub fn title(result: &SweepResult) -> String {
     format!(
-        "{} — {} patching, normalized logit difference",
+        "{} - {} patching, normalized logit difference",
         result.model.id, result.component
     )
 }
@@ -58,23 +58,25 @@ where
     let text = |size: f64| TextStyle::from((FONT, size).into_font()).color(&BLACK);
 
     root.draw(&Text::new(title(r), (LEFT, 18), text(20.0))).map_err(err)?;
-    let subtitle = format!(
-        "clean: {:?} → {:?} (LD {:+.3})   corrupted: {:?} → {:?} (LD {:+.3})   LD = logit({:?}) − logit({:?})",
-        r.clean.text,
-        r.correct.token,
-        r.clean_logit_diff,
-        r.corrupted.text,
-        r.incorrect.token,
-        r.corrupted_logit_diff,
-        r.correct.token,
-        r.incorrect.token
-    );
-    root.draw(&Text::new(
-        subtitle,
-        (LEFT, 48),
-        text(12.0).color(&RGBColor(80, 80, 80)),
-    ))
-    .map_err(err)?;
+    let grey = text(12.0).color(&RGBColor(80, 80, 80));
+    let lines = [
+        format!(
+            "clean: {:?} -> {:?} (LD {:+.3})",
+            r.clean.text, r.correct.token, r.clean_logit_diff
+        ),
+        format!(
+            "corrupted: {:?} -> {:?} (LD {:+.3})",
+            r.corrupted.text, r.incorrect.token, r.corrupted_logit_diff
+        ),
+        format!(
+            "LD = logit({:?}) - logit({:?}) at the last position",
+            r.correct.token, r.incorrect.token
+        ),
+    ];
+    for (i, line) in lines.into_iter().enumerate() {
+        root.draw(&Text::new(line, (LEFT, 44 + 15 * i as i32), grey.clone()))
+            .map_err(err)?;
+    }
 
     // Cells: layer 0 at the top, as px.imshow draws a [layer, pos] matrix.
     for l in 0..layers {
