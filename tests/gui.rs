@@ -109,6 +109,13 @@ fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
         "inspector lists the patched run top token"
     );
     assert!(h.query_by_label("patched run").is_some());
+    // The answer logits of the patched, clean and corrupted runs.
+    assert!(h.query_by_label("logit(\" John\")").is_some());
+    let [a, b] = result.answer_logits[2][15].expect("computed");
+    assert!(
+        h.query_all_by_label(&format!("{:+.3}", a - b)).count() >= 1,
+        "patched LD in the inspector (the last layer at the last position equals the clean run's)"
+    );
 
     // Arrow keys move the selection.
     h.key_press(egui::Key::ArrowUp);

@@ -157,4 +157,8 @@ fn residual_sweep_reproduces_transformers_reference() {
     assert_eq!(result.top_k[29][15].len(), 10);
     assert_eq!(result.top_k[29][15][0].id, result.clean_top_k[0].id);
     assert_eq!(result.clean_top_k[0].token, " John");
+    // Answer logits: patching the last layer at the last position reproduces the clean run's.
+    let [a, b] = result.answer_logits[29][15].unwrap();
+    assert!((a - result.clean_answer_logits[0]).abs() < 1e-4 && (b - result.clean_answer_logits[1]).abs() < 1e-4);
+    assert!((f64::from(a - b) - result.patched_logit_diff[29][15].unwrap()).abs() < 1e-4);
 }

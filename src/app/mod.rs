@@ -807,6 +807,38 @@ impl PatchbayApp {
                 ui.label("not computed yet");
             }
         }
+        let (c, i) = (&r.correct.token, &r.incorrect.token);
+        egui::Grid::new("answer logits")
+            .num_columns(4)
+            .striped(true)
+            .show(ui, |ui| {
+                ui.label("");
+                ui.label(RichText::new(format!("logit({c:?})")).small());
+                ui.label(RichText::new(format!("logit({i:?})")).small());
+                ui.label(RichText::new("LD").small());
+                ui.end_row();
+                let rows = [
+                    ("patched", r.answer_logits[l][p]),
+                    ("clean", Some(r.clean_answer_logits)),
+                    ("corrupted", Some(r.corrupted_answer_logits)),
+                ];
+                for (name, logits) in rows {
+                    ui.label(name);
+                    match logits {
+                        Some([a, b]) => {
+                            ui.label(format!("{a:.3}"));
+                            ui.label(format!("{b:.3}"));
+                            ui.label(format!("{:+.3}", a - b));
+                        }
+                        None => {
+                            ui.label("—");
+                            ui.label("—");
+                            ui.label("—");
+                        }
+                    }
+                    ui.end_row();
+                }
+            });
         egui::ScrollArea::vertical().show(ui, |ui| {
             top_table(ui, "patched run", &r.top_k[l][p], r);
             top_table(ui, "clean run", &r.clean_top_k, r);

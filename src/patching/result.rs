@@ -90,6 +90,10 @@ pub struct SweepResult {
     pub clean_top_k: Vec<TopToken>,
     /// The corrupted run's most likely next tokens.
     pub corrupted_top_k: Vec<TopToken>,
+    /// The clean run's logits of [correct, incorrect].
+    pub clean_answer_logits: [f32; 2],
+    /// The corrupted run's logits of [correct, incorrect].
+    pub corrupted_answer_logits: [f32; 2],
     /// `[layers, positions]`, as TransformerLens' `get_act_patch_*` return.
     pub shape: [usize; 2],
     /// The normalized metric per `[layer][position]`; null where not computed or undefined.
@@ -101,6 +105,8 @@ pub struct SweepResult {
     pub skipped: Vec<Vec<bool>>,
     /// The patched run's most likely next tokens per `[layer][position]` (empty where not computed).
     pub top_k: Vec<Vec<Vec<TopToken>>>,
+    /// The patched run's logits of [correct, incorrect] per `[layer][position]`; null where not computed.
+    pub answer_logits: Vec<Vec<Option<[f32; 2]>>>,
     /// Whether every cell was computed (false after a cancel).
     pub complete: bool,
     /// A note for the reader, e.g. why `values` are null.
@@ -121,6 +127,8 @@ pub struct Cell {
     pub skipped: bool,
     /// The patched run's most likely next tokens.
     pub top_k: Vec<TopToken>,
+    /// The patched run's logits of the correct and the incorrect answer.
+    pub answer_logits: [f32; 2],
 }
 
 impl SweepResult {
@@ -141,6 +149,7 @@ impl SweepResult {
         self.patched_logit_diff[l][p] = Some(cell.patched_logit_diff);
         self.skipped[l][p] = cell.skipped;
         self.top_k[l][p] = cell.top_k;
+        self.answer_logits[l][p] = Some(cell.answer_logits);
     }
 
     /// The cells computed so far.

@@ -440,6 +440,14 @@ impl<'m> Sweep<'m> {
             metric_definition: "(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted), \
                 LD = logit[correct] - logit[incorrect] at the last position"
                 .to_owned(),
+            clean_answer_logits: [
+                clean_logits[correct.token_id as usize],
+                clean_logits[incorrect.token_id as usize],
+            ],
+            corrupted_answer_logits: [
+                corrupted_logits[correct.token_id as usize],
+                corrupted_logits[incorrect.token_id as usize],
+            ],
             clean_top_k: top_tokens(model, &clean_logits, top_k),
             corrupted_top_k: top_tokens(model, &corrupted_logits, top_k),
             clean,
@@ -453,6 +461,7 @@ impl<'m> Sweep<'m> {
             patched_logit_diff: vec![vec![None; seq]; layers],
             skipped: vec![vec![false; seq]; layers],
             top_k: vec![vec![Vec::new(); seq]; layers],
+            answer_logits: vec![vec![None; seq]; layers],
             complete: false,
             warnings,
             timing: Timing {
@@ -507,6 +516,7 @@ impl<'m> Sweep<'m> {
                     value: normalized(corrupted_ld, clean_ld, corrupted_ld),
                     skipped: true,
                     top_k: corrupted_top.clone(),
+                    answer_logits: self.result.corrupted_answer_logits,
                 };
                 on_cell(&cell);
                 self.result.insert(cell);
@@ -567,6 +577,7 @@ impl<'m> Sweep<'m> {
                 value: normalized(patched, clean_ld, corrupted_ld),
                 skipped: false,
                 top_k: top_tokens(model, row, top_k),
+                answer_logits: [row[correct as usize], row[incorrect as usize]],
             }
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
