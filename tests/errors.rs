@@ -319,3 +319,34 @@ fn cli_sweep_writes_json_csv_npy_and_refuses_multi_token_answers() {
     assert_eq!(code, 1);
     assert!(stderr.contains("exactly one token"), "{stderr}");
 }
+
+#[test]
+fn cli_loads_a_hub_repo_id_from_a_populated_cache_offline() {
+    // The Hugging Face cache layout Python writes: refs/main names a snapshot holding the files.
+    let cache = TempDir::new("hf-cache");
+    let repo = cache.0.join("models--tiny--qwen3");
+    let snapshot = repo.join("snapshots").join("0123456789abcdef");
+    let reference = fixture_json("tiny_reference.json");
+    write_tiny_model(&snapshot, &reference["models"][0]["config"]);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123456789abcdef").unwrap();
+    let cache_path = cache.0.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = patchbay(
+        &["info", "--model", "tiny/qwen3"],
+        &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", &cache_path)],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("Qwen3ForCausalLM") && stdout.contains("tiny/qwen3"),
+        "{stdout}"
+    );
+    // HF_HOME/hub is used when HF_HUB_CACHE is unset.
+    let home = TempDir::new("hf-home");
+    std::fs::rename(&cache.0, home.0.join("hub")).unwrap();
+    let home_path = home.0.to_string_lossy().into_owned();
+    let (code, _, stderr) = patchbay(
+        &["info", "--model", "tiny/qwen3"],
+        &[("HF_HUB_OFFLINE", "1"), ("HF_HOME", &home_path), ("HF_HUB_CACHE", "")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+}
