@@ -214,7 +214,7 @@ impl Heatmap {
                 }
                 let plot_rect = plot_response.rect;
                 if let Some((l, p)) = out.hovered {
-                    plot_response.on_hover_ui_at_pointer(|ui| cell_tooltip(ui, result, &labels, l, p));
+                    plot_response.on_hover_ui_at_pointer(|ui| cell_summary(ui, result, &labels, l, p));
                 }
                 position_strip(ui, &transform, plot_rect, &labels, result);
             });
@@ -260,7 +260,8 @@ fn position_strip(
     }
 }
 
-fn cell_tooltip(ui: &mut Ui, r: &SweepResult, labels: &[String], l: usize, p: usize) {
+/// The cell's name and numbers, as the tooltip and the inspector show them.
+pub fn cell_summary(ui: &mut Ui, r: &SweepResult, labels: &[String], l: usize, p: usize) {
     ui.label(egui::RichText::new(format!("layer {l}, position {p}: {}", labels[p])).strong());
     match (r.skipped[l][p], r.values[l][p], r.patched_logit_diff[l][p]) {
         (true, _, _) => {

@@ -791,22 +791,7 @@ impl PatchbayApp {
             top_table(ui, "corrupted run", &r.corrupted_top_k, r);
             return;
         };
-        let labels = heatmap::position_labels(r);
-        ui.label(RichText::new(format!("layer {l}, position {p}: {}", labels[p])).strong());
-        match (r.skipped[l][p], r.values[l][p], r.patched_logit_diff[l][p]) {
-            (true, _, _) => {
-                ui.label("skipped: before the first differing token, patching is an exact no-op (value 0)");
-            }
-            (false, v, Some(raw)) => {
-                ui.label(format!(
-                    "normalized {}  ·  patched LD {raw:+.4}",
-                    v.map(|v| format!("{v:+.4}")).unwrap_or_else(|| "undefined".into())
-                ));
-            }
-            (false, _, None) => {
-                ui.label("not computed yet");
-            }
-        }
+        heatmap::cell_summary(ui, r, &heatmap::position_labels(r), l, p);
         let (c, i) = (&r.correct.token, &r.incorrect.token);
         egui::Grid::new("answer logits")
             .num_columns(4)
