@@ -565,10 +565,15 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The median (upper middle for an even count); None for no values.
+/// The median (the mean of the middle two for an even count); None for no values.
 fn median(mut xs: Vec<f64>) -> Option<f64> {
     xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied()
+    let n = xs.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(xs[n / 2]),
+        _ => Some((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
+    }
 }
 
 /// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM` = peak RSS); None off Linux.
