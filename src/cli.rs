@@ -399,6 +399,8 @@ pub fn text_heatmap(r: &SweepResult) -> String {
 /// One timed sweep of the benchmark.
 struct BenchRun {
     seconds: f64,
+    /// CPU seconds of the whole process (all threads) during the run.
+    cpu_seconds: Option<f64>,
     first_cell_seconds: Option<f64>,
     peak_rss: Option<u64>,
     result: SweepResult,
@@ -505,6 +507,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 batch_cells: args.batch,
             };
             let started = Instant::now();
+            let cpu_before = process_cpu_seconds();
             let prepared = match &args.synthetic {
                 Some(_) => Sweep::prepare_tokens(&model, &synthetic_request(component), options.top_k)?,
                 None => Sweep::prepare(&model, &text_request, options.top_k)?,
@@ -517,16 +520,21 @@ fn bench(args: BenchArgs) -> Result<()> {
             })?;
             let run = BenchRun {
                 seconds: started.elapsed().as_secs_f64(),
+                cpu_seconds: process_cpu_seconds()
+                    .zip(cpu_before)
+                    .map(|(after, before)| after - before),
                 first_cell_seconds: first_cell,
                 peak_rss: proc_status_bytes("VmHWM"),
                 result,
             };
             println!(
-                "round {round}   {:<5} {:>4} cells computed, {:>4} skipped  {:>8.3} s  first cell {:>7}  peak RSS {}",
+                "round {round}   {:<5} {:>4} cells computed, {:>4} skipped  {:>8.3} s (cpu {:>7.2} s)  first cell {:>7}  \
+                 peak RSS {}",
                 schedule.name(),
                 run.result.timing.cells_computed,
                 run.result.timing.cells_skipped,
                 run.seconds,
+                run.cpu_seconds.unwrap_or(f64::NAN),
                 run.first_cell_seconds
                     .map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0)),
                 fmt_bytes(run.peak_rss)
@@ -545,22 +553,27 @@ fn bench(args: BenchArgs) -> Result<()> {
         let best = seconds.iter().copied().fold(f64::INFINITY, f64::min);
         let first = median(rs.iter().filter_map(|r| r.first_cell_seconds).collect());
         let peak = rs.iter().filter_map(|r| r.peak_rss).max();
+        let cpu = median(rs.iter().filter_map(|r| r.cpu_seconds).collect());
         println!(
-            "  {:<5} {:>8.3} s ({:.3} s)   first computed cell after {}   peak RSS {}",
+            "  {:<5} {:>8.3} s ({:.3} s), cpu {:.2} s   first computed cell after {}   peak RSS {}",
             schedule.name(),
             m,
             best,
+            cpu.unwrap_or(f64::NAN),
             first.map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0)),
             fmt_bytes(peak)
         );
-        medians.push((*schedule, m, best));
+        medians.push((*schedule, m, best, cpu.unwrap_or(f64::NAN)));
     }
-    let find = |s: Schedule| medians.iter().find(|(x, ..)| *x == s).map(|&(_, m, b)| (m, b));
-    if let (Some((naive, naive_best)), Some((fast, fast_best))) = (find(Schedule::Naive), find(Schedule::Fast)) {
+    let find = |s: Schedule| medians.iter().find(|(x, ..)| *x == s).map(|&(_, m, b, c)| (m, b, c));
+    if let (Some((naive, naive_best, naive_cpu)), Some((fast, fast_best, fast_cpu))) =
+        (find(Schedule::Naive), find(Schedule::Fast))
+    {
         println!(
-            "  speed-up naive / fast = {:.1}x (best rounds: {:.1}x)",
+            "  speed-up naive / fast = {:.1}x (best rounds: {:.1}x; cpu time: {:.1}x)",
             naive / fast,
-            naive_best / fast_best
+            naive_best / fast_best,
+            naive_cpu / fast_cpu
         );
     }
     // The schedules must agree cell by cell.
@@ -584,10 +597,15 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The median (upper middle for an even count); None for no values.
+/// The median (the mean of the middle two for an even count); None for no values.
 fn median(mut xs: Vec<f64>) -> Option<f64> {
     xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied()
+    let n = xs.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(xs[n / 2]),
+        _ => Some((xs[n / 2 - 1] + xs[n / 2]) / 2.0),
+    }
 }
 
 /// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM` = peak RSS); None off Linux.
@@ -603,6 +621,18 @@ pub fn proc_status_bytes(field: &str) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// CPU seconds (user + system, every thread) this process has used, from /proc/self/stat; None off
+/// Linux. Less disturbed than wall time when other work shares the cores.
+fn process_cpu_seconds() -> Option<f64> {
+    /// Linux reports these in USER_HZ ticks, 100 per second on every mainstream configuration.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is the 3rd field, utime the 14th, stime the 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / TICKS_PER_SECOND)
 }
 
 /// Resets the peak-RSS counter (`VmHWM`) so the next reading covers only what follows.

@@ -581,7 +581,10 @@ impl<'m> Sweep<'m> {
             }
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_thread = block.len().div_ceil(threads).max(1);
+        if threads == 1 || block.len() == 1 {
+            return block.iter().zip(&logits).map(|(c, r)| cell(c, r)).collect();
+        }
+        let per_thread = block.len().div_ceil(threads);
         std::thread::scope(|scope| {
             let handles: Vec<_> = block
                 .chunks(per_thread)
