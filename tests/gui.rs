@@ -159,12 +159,12 @@ fn bad_inputs_show_their_messages() {
     assert!(h.state().model().is_some());
 }
 
-#[test]
-fn cancel_mid_sweep_keeps_finished_cells() {
-    let Some(gguf) = smollm2_gguf() else { return };
+/// The app on SmolLM2, part-way through a deliberately slow sweep (naive, one cell per forward),
+/// with a few computed cells beyond the 270 skipped ones. None when the model is not fetched.
+fn smollm2_mid_sweep() -> Option<Harness<'static, PatchbayApp>> {
+    let gguf = smollm2_gguf()?;
     let mut h = harness(&gguf.to_string_lossy());
     wait_until(&mut h, "SmolLM2 to load", |a| a.model().is_some());
-    // One cell per batch, one full forward each: slow enough to cancel mid-way.
     h.state_mut().set_sweep_options(SweepOptions {
         schedule: Schedule::Naive,
         batch_cells: 1,
@@ -174,6 +174,12 @@ fn cancel_mid_sweep_keeps_finished_cells() {
     wait_until(&mut h, "the first computed cells", |a| {
         a.result().is_some_and(|r| r.done_cells() > 272)
     });
+    Some(h)
+}
+
+#[test]
+fn cancel_mid_sweep_keeps_finished_cells() {
+    let Some(mut h) = smollm2_mid_sweep() else { return };
     h.get_by_label("Cancel").click();
     wait_until(&mut h, "the cancel", |a| {
         a.result().is_some_and(|r| !r.complete) && !a.is_busy()
@@ -186,16 +192,7 @@ fn cancel_mid_sweep_keeps_finished_cells() {
 
 #[test]
 fn closing_the_window_mid_sweep_returns_promptly() {
-    let Some(gguf) = smollm2_gguf() else { return };
-    let mut h = harness(&gguf.to_string_lossy());
-    wait_until(&mut h, "SmolLM2 to load", |a| a.model().is_some());
-    h.state_mut().set_sweep_options(SweepOptions {
-        schedule: Schedule::Naive,
-        batch_cells: 1,
-        ..SweepOptions::default()
-    });
-    h.get_by_label("Run").click();
-    wait_until(&mut h, "cells", |a| a.result().is_some_and(|r| r.done_cells() > 272));
+    let Some(h) = smollm2_mid_sweep() else { return };
     let start = Instant::now();
     drop(h);
     assert!(
