@@ -104,9 +104,12 @@ struct Segment {
 }
 
 struct Attention {
+    /// q_proj, k_proj and v_proj stacked into one `[q + 2 kv, hidden]` matrix: one matmul instead of
+    /// three small ones.
+    qkv_proj: Linear,
+    /// Views of `qkv_proj`'s rows: the queries alone, and keys and values together.
     q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    kv_proj: Linear,
     o_proj: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
@@ -122,7 +125,7 @@ impl Mlp {
     /// The MLP block's output for the residual stream `mid` (post-attention norm included).
     fn forward(&self, mid: &Tensor, norm: &Tensor, eps: f32) -> Result<Tensor> {
         let normed = candle_nn::ops::rms_norm(mid, norm, eps)?;
-        let gated = (candle_nn::ops::silu(&self.gate_proj.forward(&normed)?)? * self.up_proj.forward(&normed)?)?;
+        let gated = swiglu(&self.gate_proj.forward(&normed)?, &self.up_proj.forward(&normed)?)?;
         Ok(self.down_proj.forward(&gated)?)
     }
 }
@@ -159,6 +162,98 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(weight, bias))
 }
 
+/// Several linear layers over the same input stacked into one (their rows concatenated, in order),
+/// so one matmul computes all of them. Missing biases are zeros when any of them has one.
+fn stacked_linear(in_dim: usize, parts: &[(usize, VarBuilder)]) -> Result<Linear> {
+    let weights = parts
+        .iter()
+        .map(|(out_dim, vb)| Ok(vb.get((*out_dim, in_dim), "weight")?))
+        .collect::<Result<Vec<_>>>()?;
+    let any_bias = parts.iter().any(|(_, vb)| vb.contains_tensor("bias"));
+    let bias = if any_bias {
+        let biases = parts
+            .iter()
+            .map(|(out_dim, vb)| {
+                Ok(if vb.contains_tensor("bias") {
+                    vb.get(*out_dim, "bias")?
+                } else {
+                    Tensor::zeros(*out_dim, vb.dtype(), vb.device())?
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&biases, 0)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+}
+
+/// Rows `start..start + len` of a linear layer's outputs, as a layer of its own (a view: the
+/// weight rows are contiguous, nothing is copied).
+fn rows_of(linear: &Linear, start: usize, len: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        linear.weight().narrow(0, start, len)?,
+        linear.bias().map(|b| b.narrow(0, start, len)).transpose()?,
+    ))
+}
+
+/// silu(gate) · up, the SwiGLU MLP's activation. On the CPU in f32 one pass over both, spread over
+/// the cores (candle's silu then multiply make two passes on one core).
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let fused = gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.shape() == up.shape()
+        && gate.is_contiguous()
+        && up.is_contiguous();
+    if fused {
+        Ok(gate.apply_op2_no_bwd(up, &SiluMul)?)
+    } else {
+        Ok((candle_nn::ops::silu(gate)? * up)?)
+    }
+}
+
+/// The CPU kernel behind [`swiglu`].
+struct SiluMul;
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &candle_core::CpuStorage,
+        gate_layout: &candle_core::Layout,
+        up: &candle_core::CpuStorage,
+        up_layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        use rayon::prelude::*;
+        let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
+            candle_core::bail!("silu-mul: f32 only");
+        };
+        let (Some((g0, g1)), Some((u0, u1))) = (gate_layout.contiguous_offsets(), up_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("silu-mul: contiguous inputs only");
+        };
+        let (gate, up) = (&gate[g0..g1], &up[u0..u1]);
+        if gate.len() != up.len() {
+            candle_core::bail!("silu-mul: {} vs {} elements", gate.len(), up.len());
+        }
+        let mut out = vec![0f32; gate.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+    }
+}
+
 impl Transformer {
     /// Builds the decoder from weights named as in an HF checkpoint (`model.layers.0.self_attn.q_proj.weight`, …).
     pub fn new(cfg: &ArchConfig, vb: VarBuilder) -> Result<Self> {
@@ -170,10 +265,18 @@ impl Transformer {
         for i in 0..cfg.num_layers {
             let vbl = vbm.pp(format!("layers.{i}"));
             let va = vbl.pp("self_attn");
+            let qkv_proj = stacked_linear(
+                d,
+                &[
+                    (cfg.num_heads * hd, va.pp("q_proj")),
+                    (cfg.num_kv_heads * hd, va.pp("k_proj")),
+                    (cfg.num_kv_heads * hd, va.pp("v_proj")),
+                ],
+            )?;
             let attn = Attention {
-                q_proj: linear(d, cfg.num_heads * hd, va.pp("q_proj"))?,
-                k_proj: linear(d, cfg.num_kv_heads * hd, va.pp("k_proj"))?,
-                v_proj: linear(d, cfg.num_kv_heads * hd, va.pp("v_proj"))?,
+                q_proj: rows_of(&qkv_proj, 0, cfg.num_heads * hd)?,
+                kv_proj: rows_of(&qkv_proj, cfg.num_heads * hd, 2 * cfg.num_kv_heads * hd)?,
+                qkv_proj,
                 o_proj: linear(cfg.num_heads * hd, d, va.pp("o_proj"))?,
                 q_norm: if cfg.qk_norm() {
                     Some(va.get(hd, "q_norm.weight")?)
@@ -390,11 +493,11 @@ impl Transformer {
         let attn = &layer.attn;
         let eps = cfg.rms_norm_eps as f32;
         let (hd, heads, kv_heads) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-        let rep = heads / kv_heads;
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
         let dev = &self.device;
         let tokens = x.dim(0)?;
 
-        // Keys and values of every packed token, each rotated by its own absolute position.
+        // Every packed token's absolute position, for RoPE.
         let positions: Vec<u32> = segments
             .iter()
             .flat_map(|s| (s.offset..s.offset + s.len).map(|p| p as u32))
@@ -403,108 +506,53 @@ impl Transformer {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let normed = candle_nn::ops::rms_norm(x, &layer.input_layernorm, eps)?;
-        let k = attn.k_proj.forward(&normed)?.reshape((1, tokens, kv_heads, hd))?;
-        let k = match &attn.k_norm {
-            Some(w) => candle_nn::ops::rms_norm(&k.contiguous()?, w, eps)?,
-            None => k,
-        };
-        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
-        let v = attn.v_proj.forward(&normed)?.reshape((tokens, kv_heads, hd))?;
 
-        // Queries: every token, or only each segment's last one.
-        let (x, normed, cos, sin) = if last_only {
+        // Keys and values of every token; queries of every token, or in the last layer only of each
+        // segment's last token (the others are needed there only as keys and values).
+        let (q, k, v, x, q_cos, q_sin) = if last_only {
             let rows: Vec<u32> = segments.iter().map(|s| (s.row + s.len - 1) as u32).collect();
             let rows = Tensor::from_vec(rows, segments.len(), dev)?;
+            let kv = attn.kv_proj.forward(&normed)?;
             (
+                attn.q_proj.forward(&normed.index_select(&rows, 0)?)?,
+                kv.narrow(1, 0, kvd)?,
+                kv.narrow(1, kvd, kvd)?,
                 x.index_select(&rows, 0)?,
-                normed.index_select(&rows, 0)?,
                 cos.index_select(&rows, 0)?,
                 sin.index_select(&rows, 0)?,
             )
         } else {
-            (x.clone(), normed, cos, sin)
+            let qkv = attn.qkv_proj.forward(&normed)?;
+            (
+                qkv.narrow(1, 0, qd)?,
+                qkv.narrow(1, qd, kvd)?,
+                qkv.narrow(1, qd + kvd, kvd)?,
+                x.clone(),
+                cos.clone(),
+                sin.clone(),
+            )
         };
-        let n_queries = normed.dim(0)?;
-        let q = attn.q_proj.forward(&normed)?.reshape((1, n_queries, heads, hd))?;
+        let n_queries = q.dim(0)?;
+        let q = q.contiguous()?.reshape((1, n_queries, heads, hd))?;
         let q = match &attn.q_norm {
-            Some(w) => candle_nn::ops::rms_norm(&q.contiguous()?, w, eps)?,
+            Some(w) => candle_nn::ops::rms_norm(&q, w, eps)?,
             None => q,
         };
-        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
-
-        // Attention per cone, padded to the longest: queries `[cones, lmax]`, key slots
-        // `[cones, slots]` where slot s is absolute position s (the prefix before the cone's offset,
-        // the cone's own tokens from it).
-        let n = segments.len();
-        let q_len = |s: &Segment| if last_only { 1 } else { s.len };
-        let lmax = segments.iter().map(q_len).max().unwrap_or(1);
-        let slots = segments.iter().map(|s| s.offset + s.len).max().unwrap_or(1);
-        let prefix_len = prefix.k.dim(2)?;
-        let mut q_rows = Vec::with_capacity(n * lmax);
-        let mut k_rows = Vec::with_capacity(n * slots);
-        let mut mask = Vec::with_capacity(n * lmax * slots);
-        let mut back = Vec::with_capacity(n_queries);
-        for (i, s) in segments.iter().enumerate() {
-            let ql = q_len(s);
-            let first_query = if last_only { i } else { s.row };
-            let first_pos = s.offset + s.len - ql;
-            for j in 0..lmax {
-                let valid = j < ql;
-                q_rows.push((first_query + if valid { j } else { 0 }) as u32);
-                if valid {
-                    back.push((i * lmax + j) as u32);
-                }
-                // Padding queries see slot 0 only, so their (discarded) softmax stays finite.
-                let pos = first_pos + j;
-                mask.extend((0..slots).map(|slot| {
-                    let visible = if valid { slot <= pos } else { slot == 0 };
-                    if visible { 0.0 } else { f32::NEG_INFINITY }
-                }));
-            }
-            k_rows.extend((0..slots).map(|slot| {
-                (if slot < s.offset {
-                    slot
-                } else if slot < s.offset + s.len {
-                    prefix_len + s.row + (slot - s.offset)
-                } else {
-                    0
-                }) as u32
-            }));
-        }
-        let gather = |packed: &Tensor, cached: &Tensor| -> Result<Tensor> {
-            let cached = cached.squeeze(0)?.transpose(0, 1)?.contiguous()?; // [prefix, kv_heads, hd]
-            let src = Tensor::cat(&[&cached, packed], 0)?;
-            let rows = Tensor::from_vec(k_rows.clone(), n * slots, dev)?;
-            Ok(src
-                .index_select(&rows, 0)?
-                .reshape((n, slots, kv_heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &q_cos, &q_sin)?.squeeze(0)?;
+        let k = k.contiguous()?.reshape((1, tokens, kv_heads, hd))?;
+        let k = match &attn.k_norm {
+            Some(w) => candle_nn::ops::rms_norm(&k, w, eps)?,
+            None => k,
         };
-        let keys = gather(&k, &prefix.k)?; // [n, kv_heads, slots, hd]
-        let values = gather(&v.contiguous()?, &prefix.v)?;
-        // Query heads sharing a key/value head sit together (head = kv * rep + r), so no repeat_kv.
-        let q = q
-            .index_select(&Tensor::from_vec(q_rows, n * lmax, dev)?, 0)?
-            .reshape((n, lmax, kv_heads, rep, hd))?
-            .permute((0, 2, 3, 1, 4))?
-            .contiguous()?
-            .reshape((n, kv_heads, rep * lmax, hd))?;
-        let mask = Tensor::from_vec(mask, (n, 1, 1, lmax, slots), dev)?.to_dtype(self.dtype)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?
-            .reshape((n, kv_heads, rep, lmax, slots))?
-            .broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(self.dtype)?
-            .reshape((n, kv_heads, rep * lmax, slots))?;
-        let out = probs
-            .matmul(&values)?
-            .reshape((n, kv_heads, rep, lmax, hd))?
-            .permute((0, 3, 1, 2, 4))?
-            .contiguous()?
-            .reshape((n * lmax, heads * hd))?
-            .index_select(&Tensor::from_vec(back, n_queries, dev)?, 0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
+        let v = v.contiguous()?.reshape((tokens, kv_heads, hd))?;
+
+        let cpu_f32 = dev.is_cpu() && self.dtype == DType::F32;
+        let out = if cpu_f32 {
+            cone_attention_cpu(&q, &k, &v, prefix, segments, last_only)?
+        } else {
+            cone_attention_tensors(&q, &k, &v, prefix, segments, last_only)?
+        };
         let mid = (x + attn.o_proj.forward(&out)?)?;
         let mlp = layer.mlp.forward(&mid, &layer.post_attention_layernorm, eps)?;
         Ok((mid + mlp)?)
@@ -524,9 +572,11 @@ impl Transformer {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let hd = cfg.head_dim;
-        let q = attn.q_proj.forward(x)?.reshape((b, t, cfg.num_heads, hd))?;
-        let k = attn.k_proj.forward(x)?.reshape((b, t, cfg.num_kv_heads, hd))?;
-        let v = attn.v_proj.forward(x)?.reshape((b, t, cfg.num_kv_heads, hd))?;
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let qkv = attn.qkv_proj.forward(x)?;
+        let q = qkv.narrow(2, 0, qd)?.reshape((b, t, cfg.num_heads, hd))?;
+        let k = qkv.narrow(2, qd, kvd)?.reshape((b, t, cfg.num_kv_heads, hd))?;
+        let v = qkv.narrow(2, qd + kvd, kvd)?.reshape((b, t, cfg.num_kv_heads, hd))?;
         let eps = cfg.rms_norm_eps as f32;
         let q = match &attn.q_norm {
             Some(w) => candle_nn::ops::rms_norm(&q.contiguous()?, w, eps)?,
@@ -570,6 +620,179 @@ impl Transformer {
         let out = out.transpose(1, 2)?.reshape((b, t, cfg.num_heads * hd))?;
         Ok((attn.o_proj.forward(&out)?, LayerKv { k, v }))
     }
+}
+
+/// Attention of a cone forward's queries (`[queries, heads, head_dim]`, after RoPE) over their own
+/// cone's keys and values: `prefix` (batch 1) before the cone's offset, the packed `k`/`v`
+/// (`[tokens, kv_heads, head_dim]`) from it, causally. Returns `[queries, heads * head_dim]`.
+///
+/// Tensor ops, for any device and dtype: every cone padded to the longest, as one batched matmul.
+fn cone_attention_tensors(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    prefix: &LayerKv,
+    segments: &[Segment],
+    last_only: bool,
+) -> Result<Tensor> {
+    let (n_queries, heads, hd) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let rep = heads / kv_heads;
+    let dev = q.device();
+    // Queries `[cones, lmax]`, key slots `[cones, slots]` where slot s is absolute position s (the
+    // prefix before the cone's offset, the cone's own tokens from it).
+    let n = segments.len();
+    let q_len = |s: &Segment| if last_only { 1 } else { s.len };
+    let lmax = segments.iter().map(q_len).max().unwrap_or(1);
+    let slots = segments.iter().map(|s| s.offset + s.len).max().unwrap_or(1);
+    let prefix_len = prefix.k.dim(2)?;
+    let mut q_rows = Vec::with_capacity(n * lmax);
+    let mut k_rows = Vec::with_capacity(n * slots);
+    let mut mask = Vec::with_capacity(n * lmax * slots);
+    let mut back = Vec::with_capacity(n_queries);
+    let mut first_query = 0;
+    for (i, s) in segments.iter().enumerate() {
+        let ql = q_len(s);
+        let first_pos = s.offset + s.len - ql;
+        for j in 0..lmax {
+            let valid = j < ql;
+            q_rows.push((first_query + if valid { j } else { 0 }) as u32);
+            if valid {
+                back.push((i * lmax + j) as u32);
+            }
+            // Padding queries see slot 0 only, so their (discarded) softmax stays finite.
+            let pos = first_pos + j;
+            mask.extend((0..slots).map(|slot| {
+                let visible = if valid { slot <= pos } else { slot == 0 };
+                if visible { 0.0 } else { f32::NEG_INFINITY }
+            }));
+        }
+        first_query += ql;
+        k_rows.extend((0..slots).map(|slot| {
+            (if slot < s.offset {
+                slot
+            } else if slot < s.offset + s.len {
+                prefix_len + s.row + (slot - s.offset)
+            } else {
+                0
+            }) as u32
+        }));
+    }
+    let gather = |packed: &Tensor, cached: &Tensor| -> Result<Tensor> {
+        let cached = cached.squeeze(0)?.transpose(0, 1)?.contiguous()?; // [prefix, kv_heads, hd]
+        let src = Tensor::cat(&[&cached, packed], 0)?;
+        let rows = Tensor::from_vec(k_rows.clone(), n * slots, dev)?;
+        Ok(src
+            .index_select(&rows, 0)?
+            .reshape((n, slots, kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let keys = gather(k, &prefix.k)?; // [n, kv_heads, slots, hd]
+    let values = gather(v, &prefix.v)?;
+    // Query heads sharing a key/value head sit together (head = kv * rep + r), so no repeat_kv.
+    let q = q
+        .index_select(&Tensor::from_vec(q_rows, n * lmax, dev)?, 0)?
+        .reshape((n, lmax, kv_heads, rep, hd))?
+        .permute((0, 2, 3, 1, 4))?
+        .contiguous()?
+        .reshape((n, kv_heads, rep * lmax, hd))?;
+    let mask = Tensor::from_vec(mask, (n, 1, 1, lmax, slots), dev)?.to_dtype(q.dtype())?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q.matmul(&keys.t()?)? * scale)?
+        .reshape((n, kv_heads, rep, lmax, slots))?
+        .broadcast_add(&mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+        .to_dtype(q.dtype())?
+        .reshape((n, kv_heads, rep * lmax, slots))?;
+    Ok(probs
+        .matmul(&values)?
+        .reshape((n, kv_heads, rep, lmax, hd))?
+        .permute((0, 3, 1, 2, 4))?
+        .contiguous()?
+        .reshape((n * lmax, heads * hd))?
+        .index_select(&Tensor::from_vec(back, n_queries, dev)?, 0)?)
+}
+
+/// [`cone_attention_tensors`] for f32 on the CPU: a direct loop per query, spread over the cores.
+/// A cone's attention is a few dozen keys per head, far too small for a matmul each: the batched
+/// matmul of the tensor path spends most of its time launching hundreds of tiny ones.
+fn cone_attention_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    prefix: &LayerKv,
+    segments: &[Segment],
+    last_only: bool,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let dev = q.device().clone();
+    let (n_queries, heads, hd) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let rep = heads / kv_heads;
+    let prefix_len = prefix.k.dim(2)?;
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?); // [queries, heads, hd], [tokens, kv_heads, hd] ×2
+    let (pk, pv) = (flat(&prefix.k)?, flat(&prefix.v)?); // [1, kv_heads, prefix, hd]
+    // Each query: its segment and absolute position.
+    let queries: Vec<(&Segment, usize)> = segments
+        .iter()
+        .flat_map(|s| {
+            let ql = if last_only { 1 } else { s.len };
+            (s.offset + s.len - ql..s.offset + s.len).map(move |pos| (s, pos))
+        })
+        .collect();
+    if queries.len() != n_queries {
+        return Err(Error::Input(format!(
+            "internal: {} attention queries for {} segments' {n_queries} query rows",
+            queries.len(),
+            segments.len()
+        )));
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; n_queries * heads * hd];
+    out.par_chunks_mut(heads * hd)
+        .zip(q.par_chunks(heads * hd))
+        .zip(queries.par_iter())
+        .for_each(|((out, q), &(s, pos))| {
+            let (k, v, pk, pv) = (&k, &v, &pk, &pv);
+            let key = |g: usize, slot: usize| -> (&[f32], &[f32]) {
+                let at = if slot < s.offset {
+                    (g * prefix_len + slot) * hd
+                } else {
+                    ((s.row + slot - s.offset) * kv_heads + g) * hd
+                };
+                if slot < s.offset {
+                    (&pk[at..at + hd], &pv[at..at + hd])
+                } else {
+                    (&k[at..at + hd], &v[at..at + hd])
+                }
+            };
+            let mut scores = vec![0f32; pos + 1];
+            for h in 0..heads {
+                let g = h / rep;
+                let qh = &q[h * hd..(h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (slot, score) in scores.iter_mut().enumerate() {
+                    let dot: f32 = qh.iter().zip(key(g, slot).0).map(|(a, b)| a * b).sum();
+                    *score = dot * scale;
+                    max = max.max(*score);
+                }
+                let mut sum = 0f32;
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    sum += *score;
+                }
+                let oh = &mut out[h * hd..(h + 1) * hd];
+                for (slot, &p) in scores.iter().enumerate() {
+                    let w = p / sum;
+                    for (o, &x) in oh.iter_mut().zip(key(g, slot).1) {
+                        *o += w * x;
+                    }
+                }
+            }
+        });
+    Ok(Tensor::from_vec(out, (n_queries, heads * hd), &dev)?)
 }
 
 /// Additive causal mask `[seq, offset + seq]` for queries at positions `offset..offset+seq`;
@@ -670,5 +893,58 @@ mod tests {
         assert_eq!(top_k(&values, 0), vec![]);
         assert_eq!(top_k(&values, 10).len(), values.len());
         assert_eq!(top_k(&[], 2), vec![]);
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_cpu_cone_attention_matches_the_tensor_path() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, hd, seq) = (6, 2, 8, 12);
+        let prefix = LayerKv {
+            k: Tensor::randn(0f32, 1.0, (1, kv_heads, seq, hd), &dev).unwrap(),
+            v: Tensor::randn(0f32, 1.0, (1, kv_heads, seq, hd), &dev).unwrap(),
+        };
+        // Cones of different offsets and lengths, one of a single token, packed in order.
+        let shapes = [(3, 9), (7, 5), (11, 1), (0, 12)];
+        let mut segments = Vec::new();
+        let mut row = 0;
+        for (cone, &(offset, len)) in shapes.iter().enumerate() {
+            segments.push(Segment { cone, row, len, offset });
+            row += len;
+        }
+        let k = Tensor::randn(0f32, 1.0, (row, kv_heads, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (row, kv_heads, hd), &dev).unwrap();
+        for last_only in [false, true] {
+            let queries = if last_only { segments.len() } else { row };
+            let q = Tensor::randn(0f32, 1.0, (queries, heads, hd), &dev).unwrap();
+            let fast = cone_attention_cpu(&q, &k, &v, &prefix, &segments, last_only).unwrap();
+            let reference = cone_attention_tensors(&q, &k, &v, &prefix, &segments, last_only).unwrap();
+            assert_eq!(fast.dims(), &[queries, heads * hd]);
+            assert!(max_abs_diff(&fast, &reference) < 1e-5, "last_only={last_only}");
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_matches_silu_times_up() {
+        let dev = Device::Cpu;
+        let gate = Tensor::randn(0f32, 3.0, (37, 1000), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (37, 1000), &dev).unwrap();
+        let reference = (candle_nn::ops::silu(&gate).unwrap() * &up).unwrap();
+        assert!(max_abs_diff(&swiglu(&gate, &up).unwrap(), &reference) < 1e-5);
+        // Views that are not contiguous take candle's ops.
+        let (gt, ut) = (gate.t().unwrap(), up.t().unwrap());
+        assert!(max_abs_diff(&swiglu(&gt, &ut).unwrap(), &reference.t().unwrap()) < 1e-5);
     }
 }
