@@ -158,6 +158,11 @@ pub struct BenchArgs {
     /// Naive schedule: cells per forward (1 = one forward per cell, like a notebook loop).
     #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
     pub batch: usize,
+    /// Naive schedule: `run` a forward for the no-op cells too (positions before the first differing
+    /// token), as a notebook loop does, or `skip` them as the fast schedule does. With `run` the
+    /// bench also reports naive's time without them.
+    #[arg(long, default_value = "run", value_parser = ["run", "skip"])]
+    pub naive_noops: String,
     /// The clean prompt (text models).
     #[arg(long, default_value = IOI_CLEAN)]
     pub clean: String,
@@ -239,6 +244,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
         schedule: Schedule::parse(&args.schedule)?,
         top_k: args.top_k,
         batch_cells: args.batch,
+        ..SweepOptions::default()
     };
     for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
         .into_iter()
@@ -402,6 +408,8 @@ struct BenchRun {
     /// CPU seconds of the whole process (all threads) during the run.
     cpu_seconds: Option<f64>,
     first_cell_seconds: Option<f64>,
+    /// Seconds spent computing no-op cells (naive schedule running them, as a notebook does).
+    noop_seconds: f64,
     peak_rss: Option<u64>,
     result: SweepResult,
 }
@@ -487,9 +495,15 @@ fn bench(args: BenchArgs) -> Result<()> {
             format!("{:?} vs {:?}", args.clean, args.corrupted)
         }
     );
+    let naive_runs_noops = args.naive_noops == "run";
     println!(
-        "schedules naive = one full corrupted forward per computed cell, {} row(s) per forward, no reuse; \
-         fast = causal cones packed into a few forwards. Both skip no-op cells.",
+        "schedules naive = one full corrupted forward per cell{}, {} row(s) per forward, no reuse; \
+         fast = causal cones packed into a few forwards, no-op cells filled as exact zeros",
+        if naive_runs_noops {
+            ", no-op cells included (a notebook loop)"
+        } else {
+            ", no-op cells skipped"
+        },
         args.batch
     );
     let peak_resets = reset_peak_rss();
@@ -505,6 +519,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                 schedule,
                 top_k: DEFAULT_TOP_K,
                 batch_cells: args.batch,
+                skip_noops: !naive_runs_noops,
             };
             let started = Instant::now();
             let cpu_before = process_cpu_seconds();
@@ -512,11 +527,23 @@ fn bench(args: BenchArgs) -> Result<()> {
                 Some(_) => Sweep::prepare_tokens(&model, &synthetic_request(component), options.top_k)?,
                 None => Sweep::prepare(&model, &text_request, options.top_k)?,
             };
+            let first_diff = prepared.first_diff();
             let mut first_cell = None;
+            // Time spent on no-op cells that were computed (naive with `--naive-noops run`): each
+            // cell's share of the time since the previous callback (exact with one cell per forward).
+            let mut last_callback = Instant::now();
+            let mut noop_seconds = 0.0;
             let result = prepared.run(&options, &AtomicBool::new(false), &mut |cell| {
-                if !cell.skipped && first_cell.is_none() {
-                    first_cell = Some(started.elapsed().as_secs_f64());
+                let now = Instant::now();
+                if !cell.skipped {
+                    if first_cell.is_none() {
+                        first_cell = Some(started.elapsed().as_secs_f64());
+                    }
+                    if cell.position < first_diff {
+                        noop_seconds += (now - last_callback).as_secs_f64();
+                    }
                 }
+                last_callback = now;
             })?;
             let run = BenchRun {
                 seconds: started.elapsed().as_secs_f64(),
@@ -524,12 +551,13 @@ fn bench(args: BenchArgs) -> Result<()> {
                     .zip(cpu_before)
                     .map(|(after, before)| after - before),
                 first_cell_seconds: first_cell,
+                noop_seconds,
                 peak_rss: proc_status_bytes("VmHWM"),
                 result,
             };
             println!(
                 "round {round}   {:<5} {:>4} cells computed, {:>4} skipped  {:>8.3} s (cpu {:>7.2} s)  first cell {:>7}  \
-                 peak RSS {}",
+                 peak RSS {}{}",
                 schedule.name(),
                 run.result.timing.cells_computed,
                 run.result.timing.cells_skipped,
@@ -537,7 +565,12 @@ fn bench(args: BenchArgs) -> Result<()> {
                 run.cpu_seconds.unwrap_or(f64::NAN),
                 run.first_cell_seconds
                     .map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0)),
-                fmt_bytes(run.peak_rss)
+                fmt_bytes(run.peak_rss),
+                if run.noop_seconds > 0.0 {
+                    format!("  (no-op cells {:.3} s)", run.noop_seconds)
+                } else {
+                    String::new()
+                }
             );
             runs[si].push(run);
         }
@@ -547,6 +580,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     // median, what a user on a busy machine sees.
     println!("\nsummary over {} rounds: median (best)", args.rounds);
     let mut medians = Vec::new();
+    let mut noop_free = Vec::new();
     for (schedule, rs) in schedules.iter().zip(&runs) {
         let seconds: Vec<f64> = rs.iter().map(|r| r.seconds).collect();
         let m = median(seconds.clone()).unwrap_or_default();
@@ -564,6 +598,14 @@ fn bench(args: BenchArgs) -> Result<()> {
             fmt_bytes(peak)
         );
         medians.push((*schedule, m, best, cpu.unwrap_or(f64::NAN)));
+        let without_noops = median(rs.iter().map(|r| r.seconds - r.noop_seconds).collect()).unwrap_or_default();
+        if rs.iter().any(|r| r.noop_seconds > 0.0) {
+            println!(
+                "  {:<5} {without_noops:>8.3} s without the no-op cells' forwards",
+                schedule.name()
+            );
+            noop_free.push((*schedule, without_noops));
+        }
     }
     let find = |s: Schedule| medians.iter().find(|(x, ..)| *x == s).map(|&(_, m, b, c)| (m, b, c));
     if let (Some((naive, naive_best, naive_cpu)), Some((fast, fast_best, fast_cpu))) =
@@ -575,6 +617,12 @@ fn bench(args: BenchArgs) -> Result<()> {
             naive_best / fast_best,
             naive_cpu / fast_cpu
         );
+        if let Some(&(_, naive_free)) = noop_free.iter().find(|(s, _)| *s == Schedule::Naive) {
+            println!(
+                "  speed-up with naive's no-op cells left out = {:.1}x (the cone reuse and packing alone)",
+                naive_free / fast
+            );
+        }
     }
     // The schedules must agree cell by cell.
     if let (Some(a), Some(b)) = (runs.first().and_then(|r| r.last()), runs.last().and_then(|r| r.last()))

@@ -15,11 +15,21 @@ pub mod worker;
 
 pub use error::{Error, Result};
 
-/// Makes the allocator keep large freed buffers for reuse. A sweep frees and reallocates activation
-/// buffers of a few MiB in every layer; glibc's malloc serves those with fresh mmaps and returns
-/// them on free, so each one costs page faults and zeroing (~15% of a CPU sweep on 2 cores). The
-/// price is that memory freed after a sweep stays with the process. Call it once, early.
-pub fn keep_freed_memory() {
+/// Process-wide settings that make CPU sweeps faster. Call once, first thing in `main`, before any
+/// other thread exists.
+///
+/// - The thread count: candle looks it up on every matmul and, unless `RAYON_NUM_THREADS` is set,
+///   re-reads /proc/cpuinfo each time (~5% of a CPU sweep). We look it up once and set the variable.
+/// - The allocator keeps large freed buffers for reuse. A sweep frees and reallocates activation
+///   buffers of a few MiB in every layer; glibc's malloc serves those with fresh mmaps and returns
+///   them on free, so each one costs page faults and zeroing (~15% of a CPU sweep on 2 cores). The
+///   price is that memory freed after a sweep stays with the process.
+pub fn init_process() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: called at the start of `main`, while no other thread reads the environment.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts malloc's tuning parameters; it is safe to call at any time.
     unsafe {

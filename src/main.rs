@@ -4,7 +4,7 @@ use clap::Parser;
 use patchbay::cli::{self, Cli};
 
 fn main() -> std::process::ExitCode {
-    patchbay::keep_freed_memory();
+    patchbay::init_process();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(cli::Command::Gui(Default::default()));
     match cli::run(command) {

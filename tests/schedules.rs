@@ -218,3 +218,40 @@ fn smollm2_resid_post_agrees() {
 fn smollm2_attn_out_agrees() {
     smollm2_agrees(Component::AttnOut);
 }
+
+/// The benchmark's notebook-loop baseline runs a forward for the no-op cells too; they come out
+/// equal to the corrupted run, which is what the other schedules fill in without computing.
+#[test]
+fn naive_with_no_op_cells_computes_them_as_no_ops() {
+    let (name, config) = tiny_models().remove(0);
+    let (_dir, model) = load_tiny(&name, &config);
+    let request = TokenSweepRequest {
+        clean_ids: vec![5, 17, 33, 8, 90, 12, 7],
+        corrupted_ids: vec![5, 17, 33, 8, 91, 12, 7],
+        correct_id: 3,
+        incorrect_id: 4,
+        component: Component::ResidPost,
+    };
+    let notebook = SweepOptions {
+        skip_noops: false,
+        ..options(Schedule::Naive)
+    };
+    let prepared = Sweep::prepare_tokens(&model, &request, 5).unwrap();
+    let first_diff = prepared.first_diff();
+    assert_eq!(first_diff, 4);
+    let all = prepared.run(&notebook, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let fast = run(Sweep::prepare_tokens(&model, &request, 5).unwrap(), Schedule::Fast);
+    assert_eq!(all.timing.cells_computed, all.layers() * all.positions());
+    assert_eq!(all.timing.cells_skipped, 0);
+    for l in 0..all.layers() {
+        for p in 0..all.positions() {
+            assert!(!all.skipped[l][p]);
+            assert_eq!(fast.skipped[l][p], p < first_diff, "{name} ({l}, {p})");
+            let (a, b) = (
+                all.patched_logit_diff[l][p].unwrap(),
+                fast.patched_logit_diff[l][p].unwrap(),
+            );
+            assert!((a - b).abs() < SCHEDULE_TOLERANCE, "{name} ({l}, {p}): {a} vs {b}");
+        }
+    }
+}
