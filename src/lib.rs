@@ -23,7 +23,8 @@ pub use error::{Error, Result};
 /// - The allocator keeps large freed buffers for reuse. A sweep frees and reallocates activation
 ///   buffers of a few MiB in every layer; glibc's malloc serves those with fresh mmaps and returns
 ///   them on free, so each one costs page faults and zeroing (~15% of a CPU sweep on 2 cores). The
-///   price is that memory freed after a sweep stays with the process.
+///   price is that memory freed after a sweep stays with the process, up to the sweep's peak;
+///   [`release_free_memory`] hands it back (model loading calls it).
 pub fn init_process() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let threads = candle_core::utils::get_num_threads();
@@ -35,5 +36,15 @@ pub fn init_process() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Returns the allocator's free memory to the operating system (after a model load, whose
+/// temporary buffers [`init_process`]'s settings would otherwise keep).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -209,6 +209,9 @@ impl Model {
                 load_folder(&dir, dtype, &dev, on_progress)?
             }
         };
+        // Dequantizing and converting left large freed buffers behind; hand them back now (see
+        // `crate::init_process`, which otherwise keeps freed memory for the sweeps to reuse).
+        crate::release_free_memory();
         Ok(Self {
             source: source.clone(),
             config,
