@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod hub;
+pub mod skinny;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod transformer;

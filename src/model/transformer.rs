@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::{ArchConfig, RopeScaling};
+use super::skinny::linear as linear_fwd;
 use crate::error::{Error, Result};
 
 /// A place in the forward pass whose activation can be read or overwritten. Names follow
@@ -125,8 +126,11 @@ impl Mlp {
     /// The MLP block's output for the residual stream `mid` (post-attention norm included).
     fn forward(&self, mid: &Tensor, norm: &Tensor, eps: f32) -> Result<Tensor> {
         let normed = candle_nn::ops::rms_norm(mid, norm, eps)?;
-        let gated = swiglu(&self.gate_proj.forward(&normed)?, &self.up_proj.forward(&normed)?)?;
-        Ok(self.down_proj.forward(&gated)?)
+        let gated = swiglu(
+            &linear_fwd(&self.gate_proj, &normed)?,
+            &linear_fwd(&self.up_proj, &normed)?,
+        )?;
+        linear_fwd(&self.down_proj, &gated)
     }
 }
 
@@ -143,7 +147,8 @@ pub struct Transformer {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    /// The unembedding, `[vocab, hidden]` (the embeddings when tied).
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -315,12 +320,17 @@ impl Transformer {
             embed_tokens,
             layers,
             norm,
-            lm_head,
+            lm_head: Linear::new(lm_head, None),
             cos: cos.to_dtype(vb.dtype())?,
             sin: sin.to_dtype(vb.dtype())?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
+    }
+
+    /// Logits, f32, for final-normed hidden states `[rows, hidden]`.
+    fn unembed(&self, normed: &Tensor) -> Result<Tensor> {
+        Ok(linear_fwd(&self.lm_head, normed)?.to_dtype(DType::F32)?)
     }
 
     /// The architecture this decoder was built for.
@@ -373,7 +383,7 @@ impl Transformer {
         }
         let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?.contiguous()?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let last_logits = last.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        let last_logits = self.unembed(&last)?;
         Ok(Forward {
             last_logits,
             kv: kv_out,
@@ -475,7 +485,7 @@ impl Transformer {
         }
         let finals = finals.index_select(&Tensor::from_vec(pick, cones.len(), &self.device)?, 0)?;
         let normed = candle_nn::ops::rms_norm(&finals, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        Ok(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        self.unembed(&normed)
     }
 
     /// One decoder layer on the packed tokens `x` (`[tokens, hidden]`) of `segments`. With
@@ -512,9 +522,9 @@ impl Transformer {
         let (q, k, v, x, q_cos, q_sin) = if last_only {
             let rows: Vec<u32> = segments.iter().map(|s| (s.row + s.len - 1) as u32).collect();
             let rows = Tensor::from_vec(rows, segments.len(), dev)?;
-            let kv = attn.kv_proj.forward(&normed)?;
+            let kv = linear_fwd(&attn.kv_proj, &normed)?;
             (
-                attn.q_proj.forward(&normed.index_select(&rows, 0)?)?,
+                linear_fwd(&attn.q_proj, &normed.index_select(&rows, 0)?)?,
                 kv.narrow(1, 0, kvd)?,
                 kv.narrow(1, kvd, kvd)?,
                 x.index_select(&rows, 0)?,
@@ -522,7 +532,7 @@ impl Transformer {
                 sin.index_select(&rows, 0)?,
             )
         } else {
-            let qkv = attn.qkv_proj.forward(&normed)?;
+            let qkv = linear_fwd(&attn.qkv_proj, &normed)?;
             (
                 qkv.narrow(1, 0, qd)?,
                 qkv.narrow(1, qd, kvd)?,
@@ -553,7 +563,7 @@ impl Transformer {
         } else {
             cone_attention_tensors(&q, &k, &v, prefix, segments, last_only)?
         };
-        let mid = (x + attn.o_proj.forward(&out)?)?;
+        let mid = (x + linear_fwd(&attn.o_proj, &out)?)?;
         let mlp = layer.mlp.forward(&mid, &layer.post_attention_layernorm, eps)?;
         Ok((mid + mlp)?)
     }
@@ -573,7 +583,7 @@ impl Transformer {
         let (b, t, _) = x.dims3()?;
         let hd = cfg.head_dim;
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let qkv = attn.qkv_proj.forward(x)?;
+        let qkv = linear_fwd(&attn.qkv_proj, x)?;
         let q = qkv.narrow(2, 0, qd)?.reshape((b, t, cfg.num_heads, hd))?;
         let k = qkv.narrow(2, qd, kvd)?.reshape((b, t, cfg.num_kv_heads, hd))?;
         let v = qkv.narrow(2, qd + kvd, kvd)?.reshape((b, t, cfg.num_kv_heads, hd))?;
@@ -618,7 +628,7 @@ impl Transformer {
         let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v_rep)?; // [b, heads, t, hd]
         let out = out.transpose(1, 2)?.reshape((b, t, cfg.num_heads * hd))?;
-        Ok((attn.o_proj.forward(&out)?, LayerKv { k, v }))
+        Ok((linear_fwd(&attn.o_proj, &out)?, LayerKv { k, v }))
     }
 }
 
