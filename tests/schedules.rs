@@ -255,3 +255,62 @@ fn naive_with_no_op_cells_computes_them_as_no_ops() {
         }
     }
 }
+
+/// In bf16 the engine takes the paths it takes on a GPU: candle's matmul instead of the skinny
+/// kernel, the batched-tensor cone attention, silu then multiply. candle runs bf16 on the CPU too, so
+/// this checks those paths here: the two schedules agree, and both follow the f32 sweep, within
+/// bf16's precision.
+#[test]
+fn bf16_sweeps_take_the_device_paths_and_follow_f32() {
+    let prompts = fixture_json("tiny_reference.json")["prompts"].clone();
+    for (name, config) in tiny_models() {
+        let (dir, f32_model) = load_tiny(&name, &config);
+        let bf16_model = Model::load(
+            &ModelSource::Folder(dir.0.clone()),
+            DeviceChoice::Cpu,
+            Some(candle_core::DType::BF16),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(bf16_model.dtype_name(), "bf16");
+        for component in [Component::ResidPost, Component::AttnOut] {
+            let request = SweepRequest {
+                clean: prompts["clean"].as_str().unwrap().into(),
+                corrupted: prompts["corrupted"].as_str().unwrap().into(),
+                correct: prompts["correct"].as_str().unwrap().into(),
+                incorrect: prompts["incorrect"].as_str().unwrap().into(),
+                component,
+            };
+            let reference = run(Sweep::prepare(&f32_model, &request, 5).unwrap(), Schedule::Fast);
+            let naive = run(Sweep::prepare(&bf16_model, &request, 5).unwrap(), Schedule::Naive);
+            let fast = run(Sweep::prepare(&bf16_model, &request, 5).unwrap(), Schedule::Fast);
+            // bf16 keeps ~3 significant digits: compare against the scale of the answer logits.
+            let scale = reference
+                .answer_logits
+                .iter()
+                .flatten()
+                .flatten()
+                .flatten()
+                .fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+            let gap = |a: &SweepResult, b: &SweepResult| {
+                a.patched_logit_diff
+                    .iter()
+                    .flatten()
+                    .zip(b.patched_logit_diff.iter().flatten())
+                    .map(|(x, y)| (x.unwrap() - y.unwrap()).abs())
+                    .fold(0.0f64, f64::max)
+            };
+            let (schedules, precision) = (gap(&naive, &fast), gap(&fast, &reference));
+            eprintln!("{name} {component}: scale {scale:.4}, naive-fast {schedules:.2e}, bf16-f32 {precision:.2e}");
+            assert!(
+                schedules <= 0.05 * scale,
+                "{name} {component}: schedules differ by {schedules}"
+            );
+            assert!(
+                precision <= 0.1 * scale,
+                "{name} {component}: bf16 is {precision} off f32"
+            );
+            assert_eq!(naive.skipped, fast.skipped);
+        }
+    }
+}
