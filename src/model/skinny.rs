@@ -106,7 +106,7 @@ fn multiply(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     // Each task computes whole rows of the transposed product, `[n, m]`, then one pass transposes.
     let mut yt = vec![0f32; n * m];
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
         return yt;
     }
     yt.par_chunks_mut(TASK_ROWS * m)
