@@ -350,3 +350,43 @@ fn cli_loads_a_hub_repo_id_from_a_populated_cache_offline() {
     );
     assert_eq!(code, 0, "{stderr}");
 }
+
+/// `patchbay bench` end to end on a tiny model: the notebook-loop naive baseline (no-op cells run)
+/// and its no-op-free time, the speed-up lines, the schedules' gap; `--naive-noops skip` drops them.
+#[test]
+fn cli_bench_reports_the_notebook_baseline_and_its_no_op_share() {
+    let dir = TempDir::new("cli-bench");
+    let reference = fixture_json("tiny_reference.json");
+    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
+    let model = dir.0.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = patchbay(&["bench", "--model", &model, "--rounds", "1"], &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let naive_round = stdout
+        .lines()
+        .find(|l| l.starts_with("round 1   naive"))
+        .unwrap_or_else(|| panic!("no naive round in:\n{stdout}"));
+    assert!(
+        naive_round.contains("    0 skipped") && naive_round.contains("(no-op cells "),
+        "{naive_round}"
+    );
+    for expected in [
+        "no-op cells included (a notebook loop)",
+        "without the no-op cells' forwards",
+        "speed-up naive / fast = ",
+        "speed-up with naive's no-op cells left out = ",
+        "largest raw logit-difference gap between naive and fast",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+
+    let (code, stdout, stderr) = patchbay(
+        &["bench", "--model", &model, "--rounds", "1", "--naive-noops", "skip"],
+        &[],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("no-op cells skipped"), "{stdout}");
+    assert!(!stdout.contains("without the no-op cells' forwards"), "{stdout}");
+    let (code, _, stderr) = patchbay(&["bench", "--model", &model, "--naive-noops", "maybe"], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("maybe"), "{stderr}");
+}
