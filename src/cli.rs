@@ -529,8 +529,11 @@ fn bench(args: BenchArgs) -> Result<()> {
             };
             let first_diff = prepared.first_diff();
             let mut first_cell = None;
-            // Time spent on no-op cells that were computed (naive with `--naive-noops run`): each
-            // cell's share of the time since the previous callback (exact with one cell per forward).
+            // Time spent on no-op cells that were computed (naive with `--naive-noops run`): the time
+            // since the previous callback, which is that cell's own forward when there is one cell
+            // per forward. With several cells per forward a block's time would land on its first
+            // cell, so it is not measured then.
+            let per_cell_forwards = schedule == Schedule::Naive && args.batch <= 1;
             let mut last_callback = Instant::now();
             let mut noop_seconds = 0.0;
             let result = prepared.run(&options, &AtomicBool::new(false), &mut |cell| {
@@ -539,7 +542,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                     if first_cell.is_none() {
                         first_cell = Some(started.elapsed().as_secs_f64());
                     }
-                    if cell.position < first_diff {
+                    if per_cell_forwards && cell.position < first_diff {
                         noop_seconds += (now - last_callback).as_secs_f64();
                     }
                 }

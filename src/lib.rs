@@ -20,6 +20,8 @@ pub use error::{Error, Result};
 ///
 /// - The thread count: candle looks it up on every matmul and, unless `RAYON_NUM_THREADS` is set,
 ///   re-reads /proc/cpuinfo each time (~5% of a CPU sweep). We look it up once and set the variable.
+///   rayon's global pool (our CPU kernels) then also gets candle's count, one thread per physical
+///   core, which suits these FMA-bound loops (SMT siblings share the FMA units).
 /// - The allocator keeps large freed buffers for reuse. A sweep frees and reallocates activation
 ///   buffers of a few MiB in every layer; glibc's malloc serves those with fresh mmaps and returns
 ///   them on free, so each one costs page faults and zeroing (~15% of a CPU sweep on 2 cores). The

@@ -211,7 +211,9 @@ impl WorkerState {
                             load_seconds: model.load_seconds,
                             tokenizer: Arc::new(model.tokenizer.clone()),
                         };
+                        // Dropping the previous model frees its weights; hand them back now.
                         self.model = Some(model);
+                        crate::release_free_memory();
                         self.emit(Event::ModelLoaded(info))
                     }
                     Err(e) => self.emit(Event::ModelFailed(e.to_string())),
