@@ -83,6 +83,19 @@ fn tiny_models() -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
+/// The tiny models' reference prompts, sweeping `component`.
+fn fixture_request(component: Component) -> SweepRequest {
+    let prompts = &fixture_json("tiny_reference.json")["prompts"];
+    let text = |key: &str| prompts[key].as_str().unwrap().to_owned();
+    SweepRequest {
+        clean: text("clean"),
+        corrupted: text("corrupted"),
+        correct: text("correct"),
+        incorrect: text("incorrect"),
+        component,
+    }
+}
+
 fn load_tiny(name: &str, config: &serde_json::Value) -> (TempDir, Model) {
     let dir = TempDir::new(&format!("schedules-{name}"));
     write_tiny_model(&dir.0, config);
@@ -98,17 +111,10 @@ fn load_tiny(name: &str, config: &serde_json::Value) -> (TempDir, Model) {
 
 #[test]
 fn tiny_models_agree_on_every_component() {
-    let prompts = fixture_json("tiny_reference.json")["prompts"].clone();
     for (name, config) in tiny_models() {
         let (_dir, model) = load_tiny(&name, &config);
         for component in Component::ALL {
-            let request = SweepRequest {
-                clean: prompts["clean"].as_str().unwrap().into(),
-                corrupted: prompts["corrupted"].as_str().unwrap().into(),
-                correct: prompts["correct"].as_str().unwrap().into(),
-                incorrect: prompts["incorrect"].as_str().unwrap().into(),
-                component,
-            };
+            let request = fixture_request(component);
             let naive = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Naive);
             let fast = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Fast);
             assert_same_cells(&naive, &fast, &format!("{name} {component}"));
@@ -262,7 +268,6 @@ fn naive_with_no_op_cells_computes_them_as_no_ops() {
 /// bf16's precision.
 #[test]
 fn bf16_sweeps_take_the_device_paths_and_follow_f32() {
-    let prompts = fixture_json("tiny_reference.json")["prompts"].clone();
     for (name, config) in tiny_models() {
         let (dir, f32_model) = load_tiny(&name, &config);
         let bf16_model = Model::load(
@@ -274,13 +279,7 @@ fn bf16_sweeps_take_the_device_paths_and_follow_f32() {
         .unwrap();
         assert_eq!(bf16_model.dtype_name(), "bf16");
         for component in [Component::ResidPost, Component::AttnOut] {
-            let request = SweepRequest {
-                clean: prompts["clean"].as_str().unwrap().into(),
-                corrupted: prompts["corrupted"].as_str().unwrap().into(),
-                correct: prompts["correct"].as_str().unwrap().into(),
-                incorrect: prompts["incorrect"].as_str().unwrap().into(),
-                component,
-            };
+            let request = fixture_request(component);
             let reference = run(Sweep::prepare(&f32_model, &request, 5).unwrap(), Schedule::Fast);
             let naive = run(Sweep::prepare(&bf16_model, &request, 5).unwrap(), Schedule::Naive);
             let fast = run(Sweep::prepare(&bf16_model, &request, 5).unwrap(), Schedule::Fast);

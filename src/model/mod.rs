@@ -8,6 +8,21 @@ pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 
+/// The largest absolute difference between two tensors of the same shape (f32), for tests.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -43,9 +43,11 @@ fn linear_with(layer: &Linear, x: &Tensor, allow_kernel: bool) -> Result<Tensor>
     if !usable {
         return Ok(layer.forward(x)?);
     }
-    let mut out_dims = x.dims().to_vec();
     let (n, k) = w.dims2()?;
-    *out_dims.last_mut().unwrap_or(&mut 0) = n;
+    let mut out_dims = x.dims().to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
     let x2 = x.reshape((rows, k))?;
     let y = x2.apply_op2_no_bwd(w, &SkinnyMatmul)?;
     let y = match layer.bias() {
@@ -227,6 +229,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -248,16 +251,7 @@ mod tests {
             let reference = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
             let got = linear_with(&layer, &x, true).unwrap();
             assert_eq!(got.dims(), &[m, n]);
-            let gap = (got - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let gap = max_abs_diff(&got, &reference);
             assert!(gap < 1e-4 * (k as f32).sqrt(), "m={m} n={n} k={k}: {gap}");
         }
     }
@@ -272,14 +266,6 @@ mod tests {
         let got = linear_with(&layer, &x, true).unwrap();
         let reference = layer.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 3, 8]);
-        let gap = (got - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(gap.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_abs_diff(&got, &reference) < 1e-5);
     }
 }

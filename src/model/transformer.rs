@@ -767,16 +767,12 @@ fn cone_attention_cpu(
         .for_each(|((out, q), &(s, pos))| {
             let (k, v, pk, pv) = (&k, &v, &pk, &pv);
             let key = |g: usize, slot: usize| -> (&[f32], &[f32]) {
-                let at = if slot < s.offset {
-                    (g * prefix_len + slot) * hd
+                let (at, keys, values) = if slot < s.offset {
+                    ((g * prefix_len + slot) * hd, pk, pv)
                 } else {
-                    ((s.row + slot - s.offset) * kv_heads + g) * hd
+                    (((s.row + slot - s.offset) * kv_heads + g) * hd, k, v)
                 };
-                if slot < s.offset {
-                    (&pk[at..at + hd], &pv[at..at + hd])
-                } else {
-                    (&k[at..at + hd], &v[at..at + hd])
-                }
+                (&keys[at..at + hd], &values[at..at + hd])
             };
             let mut scores = vec![0f32; pos + 1];
             for h in 0..heads {
@@ -895,6 +891,7 @@ pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::max_abs_diff;
 
     #[test]
     fn top_k_returns_the_largest_values_largest_first() {
@@ -903,19 +900,6 @@ mod tests {
         assert_eq!(top_k(&values, 0), vec![]);
         assert_eq!(top_k(&values, 10).len(), values.len());
         assert_eq!(top_k(&[], 2), vec![]);
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
