@@ -11,6 +11,8 @@
 //!   into one pass, so a whole block of patching cells shares every weight read;
 //! - only the last position goes through the final norm and the unembedding.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
@@ -102,6 +104,38 @@ struct Segment {
     len: usize,
     /// Absolute position of the first token.
     offset: usize,
+}
+
+/// Where a packed forward's tokens find the keys and values before their segment's offset.
+#[derive(Clone, Copy)]
+enum Prefix<'a> {
+    /// A cache from an earlier forward, `[1, kv_heads, len, head_dim]`.
+    Cached(&'a LayerKv),
+    /// The first `len` packed rows of this same forward: positions `0..len`, shared by every
+    /// segment that starts at `len`.
+    Packed(usize),
+}
+
+/// One layer of a packed forward: its activations, `[rows, ..]` in the packed row order, and
+/// the keys and values of every packed token (after RoPE and QK-norm), `[tokens, kv_heads, hd]`.
+struct PackedLayer {
+    attn_out: Tensor,
+    resid_mid: Tensor,
+    mlp_out: Tensor,
+    resid_post: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+/// What [`Transformer::forward_shared_prefix`] returns, for each of its prompts.
+#[derive(Debug)]
+pub struct PromptsForward {
+    /// Logits at the last position, `[prompts, vocab]`, f32.
+    pub last_logits: Tensor,
+    /// The activations at the sites asked for, per (site, layer), `[prompts, seq, hidden]`.
+    pub acts: HashMap<(Site, usize), Tensor>,
+    /// Every layer's keys and values, `[prompts, kv_heads, seq, head_dim]`.
+    pub kv: Vec<LayerKv>,
 }
 
 struct Attention {
@@ -390,6 +424,101 @@ impl Transformer {
         })
     }
 
+    /// Runs equally long prompts that share their first `shared` tokens, computing those tokens
+    /// once: the clean and corrupted baselines of a sweep, whose prompts agree up to the first
+    /// difference. Every layer is one packed matmul over the shared tokens and each prompt's own
+    /// ones (for IOI 9 + 2 × 7 rows rather than 2 × 16); each prompt's tokens attend to the shared
+    /// keys and values, then causally to their own. Returns what the sweep caches: the activations at
+    /// `sites`, every layer's keys and values, and the last-position logits, per prompt, as an
+    /// unpacked batch would.
+    pub fn forward_shared_prefix(&self, prompts: &[&[u32]], shared: usize, sites: &[Site]) -> Result<PromptsForward> {
+        let seq = prompts.first().map_or(0, |p| p.len());
+        if seq == 0 || prompts.iter().any(|p| p.len() != seq) {
+            return Err(Error::Input(
+                "internal: a shared-prefix forward needs non-empty prompts of one length".into(),
+            ));
+        }
+        if seq > self.cfg.max_position_embeddings.max(1) {
+            return Err(Error::Input(format!(
+                "the prompts are {seq} tokens long, more than this model's {} positions",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        // At least the last token is each prompt's own: it gives that prompt's logits.
+        let shared = shared.min(seq - 1);
+        if prompts.iter().any(|p| p[..shared] != prompts[0][..shared]) {
+            return Err(Error::Input(format!(
+                "internal: the prompts do not share their first {shared} tokens"
+            )));
+        }
+        let own = seq - shared;
+        let mut ids: Vec<u32> = prompts[0][..shared].to_vec();
+        let mut segments = Vec::with_capacity(prompts.len() + 1);
+        if shared > 0 {
+            segments.push(Segment {
+                cone: 0,
+                row: 0,
+                len: shared,
+                offset: 0,
+            });
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            segments.push(Segment {
+                cone: i + 1,
+                row: shared + i * own,
+                len: own,
+                offset: shared,
+            });
+            ids.extend_from_slice(&p[shared..]);
+        }
+        let tokens = ids.len();
+        let dev = &self.device;
+        // Packed rows of each prompt's tokens in order, to unpack `[tokens, ..]` into `[prompts, seq, ..]`.
+        let unpack_rows: Vec<u32> = (0..prompts.len())
+            .flat_map(|i| (0..shared).chain((0..own).map(move |j| shared + i * own + j)))
+            .map(|r| r as u32)
+            .collect();
+        let unpack_rows = Tensor::from_vec(unpack_rows, prompts.len() * seq, dev)?;
+        let unpack = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = vec![prompts.len(), seq];
+            dims.extend_from_slice(&t.dims()[1..]);
+            Ok(t.index_select(&unpack_rows, 0)?.reshape(dims)?)
+        };
+        let mut acts = HashMap::new();
+        let mut kv = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, tokens, dev)?)?;
+        for l in 0..self.layers.len() {
+            let layer = self.packed_layer(l, &x, &segments, Prefix::Packed(shared), false)?;
+            for &site in sites {
+                let act = match site {
+                    Site::ResidPre => &x,
+                    Site::AttnOut => &layer.attn_out,
+                    Site::ResidMid => &layer.resid_mid,
+                    Site::MlpOut => &layer.mlp_out,
+                    Site::ResidPost => &layer.resid_post,
+                };
+                acts.insert((site, l), unpack(act)?);
+            }
+            // `[prompts, seq, kv_heads, hd]` → `[prompts, kv_heads, seq, hd]`, as `forward` keeps them.
+            let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(unpack(t)?.transpose(1, 2)?.contiguous()?) };
+            kv.push(LayerKv {
+                k: heads_first(&layer.k)?,
+                v: heads_first(&layer.v)?,
+            });
+            x = layer.resid_post;
+        }
+        let last_rows: Vec<u32> = (0..prompts.len())
+            .map(|i| (shared + (i + 1) * own - 1) as u32)
+            .collect();
+        let last = x.index_select(&Tensor::from_vec(last_rows, prompts.len(), dev)?, 0)?;
+        let normed = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        Ok(PromptsForward {
+            last_logits: self.unembed(&normed)?,
+            acts,
+            kv,
+        })
+    }
+
     /// resid_post of `layer` from its resid_mid (`[.., hidden]`): adds the MLP block's output. Lets a
     /// sweep patch attn_out at one position without rerunning the layer's attention.
     pub fn mlp_residual(&self, layer: usize, mid: &Tensor) -> Result<Tensor> {
@@ -464,7 +593,8 @@ impl Transformer {
             } else {
                 Tensor::cat(&parts, 0)?
             };
-            x = Some(self.cone_layer(l, &packed, &segments, layer_prefix, l + 1 == n_layers)?);
+            let layer = self.packed_layer(l, &packed, &segments, Prefix::Cached(layer_prefix), l + 1 == n_layers)?;
+            x = Some(layer.resid_post);
         }
         // After the last layer `x` holds one row per segment (its last token); cones that start
         // after the last layer contribute their input's last token unchanged.
@@ -489,15 +619,15 @@ impl Transformer {
     }
 
     /// One decoder layer on the packed tokens `x` (`[tokens, hidden]`) of `segments`. With
-    /// `last_only` it returns only each segment's last token, `[segments, hidden]`.
-    fn cone_layer(
+    /// `last_only` its activations cover only each segment's last token, `[segments, hidden]`.
+    fn packed_layer(
         &self,
         l: usize,
         x: &Tensor,
         segments: &[Segment],
-        prefix: &LayerKv,
+        prefix: Prefix,
         last_only: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<PackedLayer> {
         let cfg = &self.cfg;
         let layer = &self.layers[l];
         let attn = &layer.attn;
@@ -557,15 +687,38 @@ impl Transformer {
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
         let v = v.contiguous()?.reshape((tokens, kv_heads, hd))?;
 
+        let shared;
+        let prefix = match prefix {
+            Prefix::Cached(kv) => kv,
+            Prefix::Packed(len) => {
+                // The first `len` packed rows, as a `[1, kv_heads, len, hd]` cache.
+                let cache = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(0, 0, len)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+                };
+                shared = LayerKv {
+                    k: cache(&k)?,
+                    v: cache(&v)?,
+                };
+                &shared
+            }
+        };
         let cpu_f32 = dev.is_cpu() && self.dtype == DType::F32;
         let out = if cpu_f32 {
             cone_attention_cpu(&q, &k, &v, prefix, segments, last_only)?
         } else {
             cone_attention_tensors(&q, &k, &v, prefix, segments, last_only)?
         };
-        let mid = (x + linear_fwd(&attn.o_proj, &out)?)?;
-        let mlp = layer.mlp.forward(&mid, &layer.post_attention_layernorm, eps)?;
-        Ok((mid + mlp)?)
+        let attn_out = linear_fwd(&attn.o_proj, &out)?;
+        let mid = (x + &attn_out)?;
+        let mlp_out = layer.mlp.forward(&mid, &layer.post_attention_layernorm, eps)?;
+        Ok(PackedLayer {
+            resid_post: (&mid + &mlp_out)?,
+            attn_out,
+            resid_mid: mid,
+            mlp_out,
+            k,
+            v,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -927,6 +1080,90 @@ mod tests {
             let reference = cone_attention_tensors(&q, &k, &v, &prefix, &segments, last_only).unwrap();
             assert_eq!(fast.dims(), &[queries, heads * hd]);
             assert!(max_abs_diff(&fast, &reference) < 1e-5, "last_only={last_only}");
+        }
+    }
+
+    /// Records every site's activation.
+    struct Record(HashMap<(Site, usize), Tensor>);
+
+    impl Hooks for Record {
+        fn visit(&mut self, site: Site, layer: usize, _offset: usize, x: Tensor) -> Result<Tensor> {
+            self.0.insert((site, layer), x.clone());
+            Ok(x)
+        }
+    }
+
+    #[test]
+    fn a_shared_prefix_forward_matches_the_batched_one() {
+        use crate::model::config::{Family, RopeScaling};
+        let cfg = ArchConfig {
+            family: Family::Qwen3,
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_layers: 3,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::Default,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        };
+        let sites = [
+            Site::ResidPre,
+            Site::AttnOut,
+            Site::ResidMid,
+            Site::MlpOut,
+            Site::ResidPost,
+        ];
+        // f32 takes the CPU attention loop, bf16 the tensor path (as on a GPU).
+        for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 0.02)] {
+            let (t, _) = crate::model::synthetic::build(&cfg, 7, &Device::Cpu, dtype).unwrap();
+            let a: Vec<u32> = vec![5, 9, 2, 33, 7, 1, 60, 12];
+            for diff in [0, 1, 4, 7, 8] {
+                let mut b = a.clone();
+                for id in &mut b[diff..] {
+                    *id = (*id + 11) % 64;
+                }
+                let mut reference = Record(HashMap::new());
+                let batched = t
+                    .forward(
+                        t.embed(&[&a, &b]).unwrap(),
+                        Span {
+                            keep_kv: true,
+                            ..Span::default()
+                        },
+                        &mut reference,
+                    )
+                    .unwrap();
+                let packed = t.forward_shared_prefix(&[&a, &b], diff, &sites).unwrap();
+                let what = format!("{dtype:?}, prompts differing from {diff}");
+                let close = |x: &Tensor, y: &Tensor, name: &str| {
+                    assert_eq!(x.dims(), y.dims(), "{name}, {what}");
+                    let gap = max_abs_diff(&x.to_dtype(DType::F32).unwrap(), &y.to_dtype(DType::F32).unwrap());
+                    assert!(gap < tolerance, "{name}, {what}: {gap}");
+                };
+                close(&packed.last_logits, &batched.last_logits, "logits");
+                for l in 0..cfg.num_layers {
+                    for site in sites {
+                        close(
+                            &packed.acts[&(site, l)],
+                            &reference.0[&(site, l)],
+                            &format!("{site:?} {l}"),
+                        );
+                    }
+                    close(&packed.kv[l].k, &batched.kv[l].k, &format!("keys {l}"));
+                    close(&packed.kv[l].v, &batched.kv[l].v, &format!("values {l}"));
+                }
+            }
+            // Prompts that do not share the tokens claimed are refused, not silently mixed.
+            assert!(
+                t.forward_shared_prefix(&[&a, &[1, 2, 3, 4, 5, 6, 7, 8]], 3, &sites)
+                    .is_err()
+            );
+            assert!(t.forward_shared_prefix(&[&a, &a[..4]], 2, &sites).is_err());
         }
     }
 
