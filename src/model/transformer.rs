@@ -130,8 +130,10 @@ struct PackedLayer {
 /// What [`Transformer::forward_shared_prefix`] returns, for each of its prompts.
 #[derive(Debug)]
 pub struct PromptsForward {
-    /// Logits at the last position, `[prompts, vocab]`, f32.
-    pub last_logits: Tensor,
+    /// The last layer's residual stream at the last position, `[prompts, hidden]`: what
+    /// [`Transformer::final_logits`] turns into logits (left to the caller, so that other rows can
+    /// share that pass over the unembedding).
+    pub last_hidden: Tensor,
     /// The activations at the sites asked for, per (site, layer), `[prompts, seq, hidden]`.
     pub acts: HashMap<(Site, usize), Tensor>,
     /// Every layer's keys and values, `[prompts, kv_heads, seq, head_dim]`.
@@ -416,8 +418,7 @@ impl Transformer {
             }
         }
         let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?.contiguous()?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let last_logits = self.unembed(&last)?;
+        let last_logits = self.final_logits(&last)?;
         Ok(Forward {
             last_logits,
             kv: kv_out,
@@ -429,8 +430,8 @@ impl Transformer {
     /// difference. Every layer is one packed matmul over the shared tokens and each prompt's own
     /// ones (for IOI 9 + 2 × 7 rows rather than 2 × 16); each prompt's tokens attend to the shared
     /// keys and values, then causally to their own. Returns what the sweep caches: the activations at
-    /// `sites`, every layer's keys and values, and the last-position logits, per prompt, as an
-    /// unpacked batch would.
+    /// `sites`, every layer's keys and values, and the last position's final residual stream, per
+    /// prompt, as an unpacked batch would.
     pub fn forward_shared_prefix(&self, prompts: &[&[u32]], shared: usize, sites: &[Site]) -> Result<PromptsForward> {
         let seq = prompts.first().map_or(0, |p| p.len());
         if seq == 0 || prompts.iter().any(|p| p.len() != seq) {
@@ -510,10 +511,8 @@ impl Transformer {
         let last_rows: Vec<u32> = (0..prompts.len())
             .map(|i| (shared + (i + 1) * own - 1) as u32)
             .collect();
-        let last = x.index_select(&Tensor::from_vec(last_rows, prompts.len(), dev)?, 0)?;
-        let normed = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
         Ok(PromptsForward {
-            last_logits: self.unembed(&normed)?,
+            last_hidden: x.index_select(&Tensor::from_vec(last_rows, prompts.len(), dev)?, 0)?,
             acts,
             kv,
         })
@@ -614,7 +613,13 @@ impl Transformer {
             pick[cone] = row as u32;
         }
         let finals = finals.index_select(&Tensor::from_vec(pick, cones.len(), &self.device)?, 0)?;
-        let normed = candle_nn::ops::rms_norm(&finals, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        self.final_logits(&finals)
+    }
+
+    /// Logits, `[rows, vocab]` f32, of last-layer residual streams `[rows, hidden]`: the final norm
+    /// and the unembedding.
+    pub fn final_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let normed = candle_nn::ops::rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps as f32)?;
         self.unembed(&normed)
     }
 
@@ -1145,7 +1150,11 @@ mod tests {
                     let gap = max_abs_diff(&x.to_dtype(DType::F32).unwrap(), &y.to_dtype(DType::F32).unwrap());
                     assert!(gap < tolerance, "{name}, {what}: {gap}");
                 };
-                close(&packed.last_logits, &batched.last_logits, "logits");
+                close(
+                    &t.final_logits(&packed.last_hidden).unwrap(),
+                    &batched.last_logits,
+                    "logits",
+                );
                 for l in 0..cfg.num_layers {
                     for site in sites {
                         close(

@@ -28,7 +28,8 @@ pub const DEFAULT_TOP_K: usize = 10;
 /// Naive schedule: cells per forward. 1 = one forward per cell, as a notebook loop runs them.
 pub const DEFAULT_BATCH_CELLS: usize = 1;
 /// Fast schedule: the first block of cells costs about this fraction of the whole sweep, so cells
-/// reach the UI early (SmolLM2 IOI: the last layer's 7 cells, mostly unembeddings).
+/// reach the UI early (SmolLM2 IOI: the next-to-last layer's 7 cells, mostly unembeddings; the
+/// last layer's come with the baselines).
 const FAST_FIRST_BLOCK_FRACTION: f64 = 1.0 / 400.0;
 /// Fast schedule: each later block may cost this many times the one before. Fewer, larger forwards
 /// keep the matmuls efficient; more, smaller ones fill the heatmap more smoothly (SmolLM2 IOI on
@@ -135,6 +136,9 @@ pub struct Sweep<'m> {
     corrupted_kv: Vec<LayerKv>,
     /// First position where the prompts' tokens differ (`seq` when they are identical).
     first_diff: usize,
+    /// Cells the fast schedule computed with the baselines, and their logits.
+    ready: Vec<(usize, usize)>,
+    ready_logits: Vec<Vec<f32>>,
     baseline_seconds: f64,
 }
 
@@ -244,6 +248,26 @@ pub fn top_tokens(model: &Model, logits: &[f32], k: usize) -> Vec<TopToken> {
             prob: (f64::from(logit - max).exp() / sum) as f32,
         })
         .collect()
+}
+
+/// The residual stream a cone starts from (see [`Sweep::cone_start_layer`]) when `component` at
+/// `layer` is patched with `clean` (rows of the clean run's activation); `pre` and `mid` are the
+/// corrupted run's resid_pre and resid_mid at the same positions.
+fn patched_stream(
+    model: &Model,
+    component: Component,
+    layer: usize,
+    clean: Tensor,
+    pre: Tensor,
+    mid: Tensor,
+) -> Result<Tensor> {
+    Ok(match component {
+        Component::ResidPre | Component::ResidPost => clean,
+        // resid_post = resid_mid + mlp_out.
+        Component::MlpOut => (mid + clean)?,
+        // resid_mid = resid_pre + attn_out; the layer's MLP then runs on it.
+        Component::AttnOut => model.transformer.mlp_residual(layer, &(pre + clean)?)?,
+    })
 }
 
 /// Σ exp(l − max) over `logits` (all ≤ `max`), the softmax denominator of every cell's top-k.
@@ -411,9 +435,6 @@ impl<'m> Sweep<'m> {
         sites.sort();
         sites.dedup();
         let baselines = t.forward_shared_prefix(&[&clean.token_ids, &corrupted.token_ids], first_diff, &sites)?;
-        let [clean_logits, corrupted_logits]: [Vec<f32>; 2] = logits_rows(&baselines.last_logits)?
-            .try_into()
-            .map_err(|_| Error::Input("internal: the baselines did not return two rows".into()))?;
         let act = |site: Site, l: usize| {
             baselines
                 .acts
@@ -441,6 +462,39 @@ impl<'m> Sweep<'m> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+
+        // The last layer's cells (every component but resid_pre) run no layer at all: the patched
+        // residual stream at the last position goes straight to the final norm and unembedding:
+        // the clean-patched row for the patch at the last position, the corrupted run's own for
+        // the others. They share the baselines' pass over the unembedding, so the first cells are
+        // ready with the baselines.
+        let last = layers - 1;
+        let ready: Vec<(usize, usize)> = if component == Component::ResidPre || first_diff >= seq {
+            Vec::new()
+        } else {
+            (first_diff..seq).map(|p| (last, p)).collect()
+        };
+        let mut finals = vec![baselines.last_hidden.clone()];
+        if !ready.is_empty() {
+            let at_last = |t: &Tensor| t.narrow(0, seq - 1, 1);
+            finals.push(patched_stream(
+                model,
+                component,
+                last,
+                at_last(&clean_acts[last].squeeze(0)?)?,
+                at_last(&corrupted_stream[last])?,
+                at_last(&corrupted_mid[last])?,
+            )?);
+        }
+        let logits = logits_rows(&t.final_logits(&Tensor::cat(&finals, 0)?)?)?;
+        let [clean_logits, corrupted_logits] = [0, 1].map(|i| logits.get(i).cloned().unwrap_or_default());
+        if corrupted_logits.is_empty() {
+            return Err(Error::Input("internal: the baselines did not return two rows".into()));
+        }
+        let ready_logits: Vec<Vec<f32>> = ready
+            .iter()
+            .map(|&(_, p)| logits[if p + 1 == seq { 2 } else { 1 }].clone())
+            .collect();
 
         let clean_ld = logit_diff(&clean_logits, correct.token_id, incorrect.token_id);
         let corrupted_ld = logit_diff(&corrupted_logits, correct.token_id, incorrect.token_id);
@@ -504,6 +558,8 @@ impl<'m> Sweep<'m> {
             corrupted_mid,
             corrupted_kv,
             first_diff,
+            ready,
+            ready_logits,
             baseline_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -553,9 +609,18 @@ impl<'m> Sweep<'m> {
             }
         }
 
-        let cells: Vec<(usize, usize)> = (0..layers)
+        let mut cells: Vec<(usize, usize)> = (0..layers)
             .flat_map(|l| (first_run..seq).map(move |p| (l, p)))
             .collect();
+        if options.schedule == Schedule::Fast {
+            let (ready, logits) = (std::mem::take(&mut self.ready), std::mem::take(&mut self.ready_logits));
+            cells.retain(|c| !ready.contains(c));
+            for cell in self.block_cells(&ready, logits, options.top_k) {
+                on_cell(&cell);
+                self.result.insert(cell);
+                self.result.timing.cells_computed += 1;
+            }
+        }
         let blocks: Vec<Vec<(usize, usize)>> = match options.schedule {
             Schedule::Fast => self.fast_blocks(cells),
             Schedule::Naive => cells
@@ -610,7 +675,7 @@ impl<'m> Sweep<'m> {
             }
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if threads == 1 || block.len() == 1 {
+        if threads == 1 || block.len() <= 1 {
             return block.iter().zip(&logits).map(|(c, r)| cell(c, r)).collect();
         }
         let per_thread = block.len().div_ceil(threads);
@@ -687,17 +752,14 @@ impl<'m> Sweep<'m> {
         let (from, len) = (self.first_diff, seq - self.first_diff);
         (0..self.result.layers())
             .map(|l| {
-                let clean = self.clean_acts[l].squeeze(0)?.narrow(0, from, len)?;
-                Ok(match self.result.component {
-                    Component::ResidPre | Component::ResidPost => clean,
-                    // resid_post = resid_mid + mlp_out.
-                    Component::MlpOut => (self.corrupted_mid[l].narrow(0, from, len)? + clean)?,
-                    // resid_mid = resid_pre + attn_out; the layer's MLP then runs on it.
-                    Component::AttnOut => {
-                        let mid = (self.corrupted_stream[l].narrow(0, from, len)? + clean)?;
-                        self.model.transformer.mlp_residual(l, &mid)?
-                    }
-                })
+                patched_stream(
+                    self.model,
+                    self.result.component,
+                    l,
+                    self.clean_acts[l].squeeze(0)?.narrow(0, from, len)?,
+                    self.corrupted_stream[l].narrow(0, from, len)?,
+                    self.corrupted_mid[l].narrow(0, from, len)?,
+                )
             })
             .collect()
     }
