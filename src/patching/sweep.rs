@@ -306,7 +306,8 @@ fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
-    let r = x - n * 0.693_359_375 + n * 2.121_944_4e-4;
+    // ln 2 in two parts: 0.693_359_4 is 0.693359375 exactly in f32, so n · it is exact.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_2e-3;
     let p = p * r + 8.333_452e-3;
