@@ -151,6 +151,7 @@ mod avx2 {
 
     /// Sum of the 8 lanes.
     #[target_feature(enable = "avx2,fma")]
+    #[inline]
     fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -162,15 +163,18 @@ mod avx2 {
 
     /// 8 floats from `s` at `at` (`at + 8 <= s.len()`).
     #[target_feature(enable = "avx2,fma")]
+    #[inline]
     fn load(s: &[f32], at: usize) -> __m256 {
         debug_assert!(at + 8 <= s.len());
         // SAFETY: in bounds (callers step `at` by 8 up to `k8 <= len`).
         unsafe { _mm256_loadu_ps(s.as_ptr().add(at)) }
     }
 
-    /// [`super::block`]: tiles of 3 weight rows × 4 input rows (12 accumulators, which keeps both
-    /// FMA pipes busy through their latency and fits the 16 vector registers with the 4 inputs),
-    /// then narrower tiles for what is left over.
+    /// [`super::block`]: tiles of 4 weight rows × 3 input rows (12 accumulators, which keep both
+    /// FMA pipes busy through their latency and, with the 3 inputs and a weight vector, fit the 16
+    /// vector registers; 3 × 4 spilled one to the stack), then narrower tiles for what is left over.
+    /// (Splitting the inner dimension so that `x`'s slice stays in L1 was slower: the weights are
+    /// then read in short strided pieces.)
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn block(x: &[f32], m: usize, w: &[f32], rows: usize, k: usize, yt: &mut [f32]) {
         let mut r = 0;
@@ -231,12 +235,23 @@ mod avx2 {
         yt: &mut [f32],
     ) {
         let k8 = k - k % 8;
-        let ws: [&[f32]; R] = std::array::from_fn(|q| &w[(r + q) * k..(r + q + 1) * k]);
-        let xs: [&[f32]; C] = std::array::from_fn(|j| &x[(i + j) * k..(i + j + 1) * k]);
+        // Plain loops over the const-sized arrays (not `array::from_fn`, whose closures were not
+        // always inlined into this AVX2 function); the compiler unrolls them.
+        let mut ws: [&[f32]; R] = [&[]; R];
+        for (q, row) in ws.iter_mut().enumerate() {
+            *row = &w[(r + q) * k..(r + q + 1) * k];
+        }
+        let mut xs: [&[f32]; C] = [&[]; C];
+        for (j, row) in xs.iter_mut().enumerate() {
+            *row = &x[(i + j) * k..(i + j + 1) * k];
+        }
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut c = 0;
         while c < k8 {
-            let xv: [__m256; C] = std::array::from_fn(|j| load(xs[j], c));
+            let mut xv = [_mm256_setzero_ps(); C];
+            for j in 0..C {
+                xv[j] = load(xs[j], c);
+            }
             for q in 0..R {
                 let wv = load(ws[q], c);
                 for j in 0..C {
