@@ -122,12 +122,14 @@ fn tiny_models_agree_on_every_component() {
     }
 }
 
-/// Prompts that differ at their first token (cones with no cached prefix), in two places, and not
-/// at all (nothing to compute).
+/// Prompts that differ at their first token (cones with no cached prefix), only at their last (one
+/// position to patch: the baselines share every other token), in two places, and not at all
+/// (nothing to compute).
 #[test]
 fn tiny_models_agree_wherever_the_prompts_differ() {
-    let cases: [(&str, Vec<u32>, Vec<u32>); 3] = [
+    let cases: [(&str, Vec<u32>, Vec<u32>); 4] = [
         ("first token", vec![5, 17, 33, 8, 90, 12], vec![6, 17, 33, 8, 90, 12]),
+        ("last token", vec![5, 17, 33, 8, 90, 12], vec![5, 17, 33, 8, 90, 13]),
         (
             "two tokens",
             vec![5, 17, 33, 8, 90, 12, 7],

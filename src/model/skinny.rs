@@ -1,12 +1,13 @@
 //! `x · Wᵀ` for a few rows of `x` on the CPU, in f32.
 //!
-//! A baseline forward multiplies 2 × seq rows by every weight matrix, and the first, small blocks of
-//! a fast sweep a few dozen. For so few rows the time goes into streaming the weights from memory,
+//! A baseline forward multiplies a few dozen rows by every weight matrix (the prompts' shared
+//! prefix once, then each prompt's own tokens), and so do the first, small blocks of a fast sweep. For so few rows the time goes into streaming the weights from memory,
 //! and candle's gemm first copies each weight matrix into its packed layout, which costs as much
 //! again. This kernel reads every weight row once, straight from the checkpoint's `[out, in]`
 //! layout, against all rows of `x` (which stay in cache), with AVX2/FMA on x86-64 CPUs that have
 //! them (checked at run time), and asks for the next weight rows while it works on the current
-//! ones: without that, a 2-core EPYC spent ~40% of a 32-row product waiting on memory. Elsewhere, and for many rows, [`linear`] uses candle's matmul.
+//! ones (a 2-core EPYC spent ~40% of a 32-row product waiting on memory without that).
+//! Elsewhere, and for many rows, [`linear`] uses candle's matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::Linear;
@@ -278,7 +279,7 @@ mod tests {
     #[test]
     fn matches_candles_matmul_for_every_shape_edge() {
         let dev = Device::Cpu;
-        // Rows, outputs and inputs off the kernel's 2 / 4 / 8 steps, and a task-sized output count.
+        // Rows, outputs and inputs off the kernel's 3 / 4 / 8 steps, and a task-sized output count.
         for &(m, n, k) in &[
             (1, 1, 1),
             (2, 4, 8),

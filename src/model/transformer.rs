@@ -9,6 +9,8 @@
 //!   only its causal cone);
 //! - [`Transformer::forward_cones`] packs many such cones (each its own start layer and positions)
 //!   into one pass, so a whole block of patching cells shares every weight read;
+//! - [`Transformer::forward_shared_prefix`] runs prompts that share their first tokens (a sweep's
+//!   clean and corrupted baselines) computing those tokens once;
 //! - only the last position goes through the final norm and the unembedding.
 
 use std::collections::HashMap;
@@ -696,6 +698,12 @@ impl Transformer {
         let prefix = match prefix {
             Prefix::Cached(kv) => kv,
             Prefix::Packed(len) => {
+                debug_assert!(
+                    segments
+                        .iter()
+                        .all(|s| (s.offset == 0 && s.row == 0 && s.len == len) || s.offset == len),
+                    "a packed prefix of {len} rows must be the first segment, and every other one start after it"
+                );
                 // The first `len` packed rows, as a `[1, kv_heads, len, hd]` cache.
                 let cache = |t: &Tensor| -> Result<Tensor> {
                     Ok(t.narrow(0, 0, len)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)

@@ -7,8 +7,14 @@
 //!   the corrupted run's residual stream with the patched value written in, attends to the
 //!   corrupted run's cached keys/values for positions < P, and many cells share one packed forward
 //!   ([`Transformer::forward_cones`](crate::model::Transformer::forward_cones)).
+//!   The last layer's cells need no layer at all, only the final norm and unembedding of one row:
+//!   they are computed with the baselines.
 //! - [`Schedule::Naive`] runs one full corrupted forward per cell, as a notebook loop does: the
 //!   baseline the fast schedule is measured and tested against.
+//!
+//! Both start from the same baselines: the clean and corrupted prompts in one packed forward that
+//! computes their shared first tokens once
+//! ([`Transformer::forward_shared_prefix`](crate::model::Transformer::forward_shared_prefix)).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -32,8 +38,8 @@ pub const DEFAULT_BATCH_CELLS: usize = 1;
 /// last layer's come with the baselines).
 const FAST_FIRST_BLOCK_FRACTION: f64 = 1.0 / 400.0;
 /// Fast schedule: each later block may cost this many times the one before. Fewer, larger forwards
-/// keep the matmuls efficient; more, smaller ones fill the heatmap more smoothly (SmolLM2 IOI on
-/// 2 cores: 4 blocks of 14, 21, 63 and 112 cells cost about the same as 3 larger ones).
+/// keep the matmuls efficient; more, smaller ones fill the heatmap more smoothly (SmolLM2 IOI:
+/// blocks of 7, 14, 42 and 140 cells after the last layer's 7).
 const FAST_BLOCK_GROWTH: usize = 6;
 /// Fast schedule: at most this many bytes of f32 logits per block (bounds memory on big
 /// vocabularies: 220 cells of Qwen3's 151,936 logits).
@@ -136,9 +142,10 @@ pub struct Sweep<'m> {
     corrupted_kv: Vec<LayerKv>,
     /// First position where the prompts' tokens differ (`seq` when they are identical).
     first_diff: usize,
-    /// Cells the fast schedule computed with the baselines, and their logits.
-    ready: Vec<(usize, usize)>,
-    ready_logits: Vec<Vec<f32>>,
+    /// The last layer's cells, computed with the baselines (every component but resid_pre): the
+    /// logits of the patch at the last position, and the corrupted run's, which every patch at an
+    /// earlier position leaves unchanged there.
+    last_layer_logits: Option<(Vec<f32>, Vec<f32>)>,
     baseline_seconds: f64,
 }
 
@@ -299,9 +306,11 @@ fn sum_exp(logits: &[f32], max: f32) -> f64 {
     total
 }
 
-/// exp(x) for x ≤ 0; below −87 (where f32 runs out of exponent) it returns exp(−87) ≈ 1.6e-38.
+/// exp(x) for x ≤ 0; below −87 (where f32 runs out of exponent), and for NaN, it returns
+/// exp(−87) ≈ 1.6e-38. Positive x is out of its range (`x − max` never is).
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
+    debug_assert!(x <= 0.0 || x.is_nan(), "exp_nonpositive({x})");
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer in the low bits.
     let x = x.max(-87.0);
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
@@ -470,13 +479,9 @@ impl<'m> Sweep<'m> {
         // the others. They share the baselines' pass over the unembedding, so the first cells are
         // ready with the baselines.
         let last = layers - 1;
-        let ready: Vec<(usize, usize)> = if component == Component::ResidPre || first_diff >= seq {
-            Vec::new()
-        } else {
-            (first_diff..seq).map(|p| (last, p)).collect()
-        };
+        let has_ready = component != Component::ResidPre && first_diff < seq;
         let mut finals = vec![baselines.last_hidden.clone()];
-        if !ready.is_empty() {
+        if has_ready {
             let at_last = |t: &Tensor| t.narrow(0, seq - 1, 1);
             finals.push(patched_stream(
                 model,
@@ -487,15 +492,11 @@ impl<'m> Sweep<'m> {
                 at_last(&corrupted_mid[last])?,
             )?);
         }
-        let logits = logits_rows(&t.final_logits(&Tensor::cat(&finals, 0)?)?)?;
-        let [clean_logits, corrupted_logits] = [0, 1].map(|i| logits.get(i).cloned().unwrap_or_default());
-        if corrupted_logits.is_empty() {
+        let mut logits = logits_rows(&t.final_logits(&Tensor::cat(&finals, 0)?)?)?.into_iter();
+        let (Some(clean_logits), Some(corrupted_logits)) = (logits.next(), logits.next()) else {
             return Err(Error::Input("internal: the baselines did not return two rows".into()));
-        }
-        let ready_logits: Vec<Vec<f32>> = ready
-            .iter()
-            .map(|&(_, p)| logits[if p + 1 == seq { 2 } else { 1 }].clone())
-            .collect();
+        };
+        let last_layer_logits = logits.next().map(|patched| (patched, corrupted_logits.clone()));
 
         let clean_ld = logit_diff(&clean_logits, correct.token_id, incorrect.token_id);
         let corrupted_ld = logit_diff(&corrupted_logits, correct.token_id, incorrect.token_id);
@@ -559,8 +560,7 @@ impl<'m> Sweep<'m> {
             corrupted_mid,
             corrupted_kv,
             first_diff,
-            ready,
-            ready_logits,
+            last_layer_logits,
             baseline_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -576,7 +576,8 @@ impl<'m> Sweep<'m> {
     }
 
     /// Computes every cell, calling `on_cell` as each finishes. When `cancel` is set the sweep stops
-    /// after the current batch and returns what it has, with `complete == false`.
+    /// after the current batch and returns what it has, with `complete == false` (the no-op cells
+    /// and those computed with the baselines are reported first, whatever `cancel` says).
     pub fn run(
         mut self,
         options: &SweepOptions,
@@ -613,10 +614,31 @@ impl<'m> Sweep<'m> {
         let mut cells: Vec<(usize, usize)> = (0..layers)
             .flat_map(|l| (first_run..seq).map(move |p| (l, p)))
             .collect();
-        if options.schedule == Schedule::Fast {
-            let (ready, logits) = (std::mem::take(&mut self.ready), std::mem::take(&mut self.ready_logits));
-            cells.retain(|c| !ready.contains(c));
-            for cell in self.block_cells(&ready, logits, options.top_k) {
+        if let Some((patched, corrupted)) = self
+            .last_layer_logits
+            .take()
+            .filter(|_| options.schedule == Schedule::Fast)
+        {
+            // The last layer's cells, computed with the baselines: one cell for the patch at the
+            // last position, the corrupted run's logits (one top-k, shared) for the others.
+            let last = layers - 1;
+            cells.retain(|&(l, _)| l != last);
+            let rows = vec![patched, corrupted];
+            let mut made = self.block_cells(&[(last, seq - 1), (last, first_run)], rows, options.top_k);
+            let others = made.pop();
+            let at_last = made.pop();
+            for position in first_run..seq - 1 {
+                if let Some(cell) = &others {
+                    let cell = Cell {
+                        position,
+                        ..cell.clone()
+                    };
+                    on_cell(&cell);
+                    self.result.insert(cell);
+                    self.result.timing.cells_computed += 1;
+                }
+            }
+            if let Some(cell) = at_last {
                 on_cell(&cell);
                 self.result.insert(cell);
                 self.result.timing.cells_computed += 1;
