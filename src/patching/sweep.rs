@@ -605,9 +605,7 @@ impl<'m> Sweep<'m> {
                     top_k: corrupted_top.clone(),
                     answer_logits: self.result.corrupted_answer_logits,
                 };
-                on_cell(&cell);
-                self.result.insert(cell);
-                self.result.timing.cells_skipped += 1;
+                self.emit(cell, on_cell);
             }
         }
 
@@ -623,25 +621,24 @@ impl<'m> Sweep<'m> {
             // last position, the corrupted run's logits (one top-k, shared) for the others.
             let last = layers - 1;
             cells.retain(|&(l, _)| l != last);
-            let rows = vec![patched, corrupted];
-            let mut made = self.block_cells(&[(last, seq - 1), (last, first_run)], rows, options.top_k);
-            let others = made.pop();
-            let at_last = made.pop();
-            for position in first_run..seq - 1 {
-                if let Some(cell) = &others {
-                    let cell = Cell {
-                        position,
-                        ..cell.clone()
-                    };
-                    on_cell(&cell);
-                    self.result.insert(cell);
-                    self.result.timing.cells_computed += 1;
+            let mut made = self
+                .block_cells(
+                    &[(last, seq - 1), (last, first_run)],
+                    vec![patched, corrupted],
+                    options.top_k,
+                )
+                .into_iter();
+            if let (Some(at_last), Some(earlier)) = (made.next(), made.next()) {
+                for position in first_run..seq - 1 {
+                    self.emit(
+                        Cell {
+                            position,
+                            ..earlier.clone()
+                        },
+                        on_cell,
+                    );
                 }
-            }
-            if let Some(cell) = at_last {
-                on_cell(&cell);
-                self.result.insert(cell);
-                self.result.timing.cells_computed += 1;
+                self.emit(at_last, on_cell);
             }
         }
         let blocks: Vec<Vec<(usize, usize)>> = match options.schedule {
@@ -667,9 +664,7 @@ impl<'m> Sweep<'m> {
                 Schedule::Naive => self.naive_batch(block)?,
             };
             for cell in self.block_cells(block, logits, options.top_k) {
-                on_cell(&cell);
-                self.result.insert(cell);
-                self.result.timing.cells_computed += 1;
+                self.emit(cell, on_cell);
             }
         }
         self.result.complete = !cancelled;
@@ -677,6 +672,17 @@ impl<'m> Sweep<'m> {
         self.result.timing.baseline_seconds = self.baseline_seconds;
         self.result.timing.sweep_seconds = self.baseline_seconds + start.elapsed().as_secs_f64();
         Ok(self.result)
+    }
+
+    /// Reports a finished cell and files it in the result.
+    fn emit(&mut self, cell: Cell, on_cell: &mut dyn FnMut(&Cell)) {
+        on_cell(&cell);
+        if cell.skipped {
+            self.result.timing.cells_skipped += 1;
+        } else {
+            self.result.timing.cells_computed += 1;
+        }
+        self.result.insert(cell);
     }
 
     /// The finished cells of one block from its logits rows, in block order. Spread over the cores:
