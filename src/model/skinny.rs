@@ -3,10 +3,11 @@
 //! A baseline forward multiplies a few dozen rows by every weight matrix (the prompts' shared
 //! prefix once, then each prompt's own tokens), and so do the first, small blocks of a fast sweep.
 //! For so few rows the time goes into streaming the weights from memory, and candle's gemm first
-//! copies each weight matrix into its packed layout, which costs as much again. This kernel reads every weight row once, straight from the checkpoint's `[out, in]`
-//! layout, against all rows of `x` (which stay in cache), with AVX2/FMA on x86-64 CPUs that have
-//! them (checked at run time), and asks for the next weight rows while it works on the current
-//! ones (a 2-core EPYC spent ~40% of a 32-row product waiting on memory without that).
+//! copies each weight matrix into its packed layout, which costs as much again. This kernel reads
+//! every weight row once, straight from the checkpoint's `[out, in]` layout, against all rows of
+//! `x` (which stay in cache), with AVX2/FMA on x86-64 CPUs that have them (checked at run time),
+//! and asks for the next weight rows while it works on the current ones (a 2-core EPYC spent ~40%
+//! of a 32-row product waiting on memory without that).
 //! Elsewhere, and for many rows, [`linear`] uses candle's matmul.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
