@@ -179,3 +179,23 @@ fn qwen2_matches_transformers() {
         check_model(&entry("tiny-qwen2"), "config", schedule);
     }
 }
+
+/// Not a check: writes the reference's tiny models as folders (`<name>/` with config.json,
+/// model.safetensors and tokenizer.json) into `$PATCHBAY_TINY_MODELS_OUT`, for
+/// `scripts/gpu-check.sh`, which runs them on a GPU machine that has no Rust toolchain.
+#[test]
+#[ignore = "a generator for scripts/gpu-check.sh, run by it"]
+fn write_the_tiny_models_for_the_gpu_check() {
+    let out = std::path::PathBuf::from(
+        std::env::var_os("PATCHBAY_TINY_MODELS_OUT").expect("set PATCHBAY_TINY_MODELS_OUT to the output folder"),
+    );
+    for entry in fixture_json("tiny_reference.json")["models"].as_array().unwrap() {
+        let name = entry["name"].as_str().unwrap();
+        let sums = write_tiny_model(&out.join(name), &entry["config"]);
+        assert_eq!(
+            sums.len(),
+            entry["tensor_sums"].as_object().unwrap().len(),
+            "{name}: tensor count"
+        );
+    }
+}
