@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -293,8 +293,8 @@ fn sweep(args: SweepArgs) -> Result<()> {
     let started = Instant::now();
     let mut last_draw = Instant::now();
     let quiet = args.quiet;
-    let cancel = AtomicBool::new(false);
-    let result = prepared.run(&options, &cancel, &mut |_cell| {
+    stop_on_interrupt();
+    let result = prepared.run(&options, &INTERRUPTED, &mut |_cell| {
         done += 1;
         if !quiet && (last_draw.elapsed().as_millis() >= 100 || done == total) {
             last_draw = Instant::now();
@@ -319,13 +319,57 @@ fn sweep(args: SweepArgs) -> Result<()> {
     for p in [&args.png, &args.svg].into_iter().flatten() {
         figure::save(&result, p, None)?;
     }
-    for p in [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
+    let written: Vec<String> = [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
         .into_iter()
         .flatten()
-    {
-        let _ = writeln!(out, "wrote     {}", p.display());
+        .map(|p| p.display().to_string())
+        .collect();
+    for p in &written {
+        let _ = writeln!(out, "wrote     {p}");
     }
-    Ok(())
+    if result.complete {
+        return Ok(());
+    }
+    let t = &result.timing;
+    let kept = format!(
+        "{} of {} cells done ({} computed, {} skipped as no-ops){}",
+        result.done_cells(),
+        result.layers() * result.positions(),
+        t.cells_computed,
+        t.cells_skipped,
+        if written.is_empty() {
+            String::new()
+        } else {
+            format!(", written to {} (\"complete\": false)", written.join(", "))
+        }
+    );
+    Err(match &result.error {
+        Some(e) => Error::Stopped(format!("the sweep stopped early ({kept}): {e}")),
+        None => Error::Cancelled(format!("cancelled: {kept}")),
+    })
+}
+
+/// Set by the first Ctrl-C during `patchbay sweep`: the sweep stops after the block in flight and
+/// what it computed is written as usual.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C stops a sweep without losing its cells ([`INTERRUPTED`]); a second Ctrl-C quits at once.
+fn stop_on_interrupt() {
+    #[cfg(unix)]
+    {
+        extern "C" fn on_interrupt(_: libc::c_int) {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(130) };
+            }
+            let msg = b"\nstopping after the cells in flight; Ctrl-C again to quit without writing anything\n";
+            // SAFETY: write(2) is async-signal-safe; the buffer is a static byte string.
+            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        }
+        let handler: extern "C" fn(libc::c_int) = on_interrupt;
+        // SAFETY: installs a handler that only touches an atomic and calls async-signal-safe functions.
+        unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+    }
 }
 
 /// Fails early, before minutes of work, when an output file cannot be created.
@@ -548,6 +592,12 @@ fn bench(args: BenchArgs) -> Result<()> {
                 }
                 last_callback = now;
             })?;
+            if let Some(e) = &result.error {
+                return Err(Error::Stopped(format!(
+                    "the {} sweep stopped early: {e}",
+                    schedule.name()
+                )));
+            }
             let run = BenchRun {
                 seconds: started.elapsed().as_secs_f64(),
                 cpu_seconds: process_cpu_seconds()

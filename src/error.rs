@@ -26,11 +26,14 @@ pub enum Error {
     /// The requested device cannot be used.
     #[error("{0}")]
     Device(String),
-    /// The sweep was cancelled; results computed so far were delivered.
-    #[error("cancelled")]
-    Cancelled,
+    /// The sweep was cancelled (Ctrl-C); the message says what was kept.
+    #[error("{0}")]
+    Cancelled(String),
+    /// The sweep stopped on an error after computing some cells, which were kept.
+    #[error("{0}")]
+    Stopped(String),
     /// A tensor operation failed (shape mismatch, out of memory, ...).
-    #[error("tensor operation failed: {0}")]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     /// Reading or writing a file failed.
     #[error("{message}: {}", path.display())]
@@ -46,12 +49,36 @@ impl Error {
         }
     }
 
+    /// Whether the device ran out of memory (CUDA's allocator or cuBLAS's workspace). The CPU
+    /// backend aborts instead, so this only ever holds on a GPU.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Candle(e) if is_out_of_memory(e))
+    }
+
     /// An I/O error for `path`, keeping the OS's reason.
     pub fn io(action: &str, err: std::io::Error, path: impl Into<PathBuf>) -> Self {
         Error::Io {
             message: format!("{action} failed ({err})"),
             path: path.into(),
         }
+    }
+}
+
+fn is_out_of_memory(e: &candle_core::Error) -> bool {
+    // cudarc's errors print as their Debug form: `DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of
+    // memory")`, `CublasError(CUBLAS_STATUS_ALLOC_FAILED)`.
+    let text = e.to_string();
+    text.contains("OUT_OF_MEMORY") || text.contains("ALLOC_FAILED")
+}
+
+fn candle_message(e: &candle_core::Error) -> String {
+    if is_out_of_memory(e) {
+        format!(
+            "the GPU ran out of memory ({e}). Free GPU memory (other programs, a model loaded \
+             elsewhere), use a shorter prompt or bf16/f16, or run on the CPU"
+        )
+    } else {
+        format!("tensor operation failed: {e}")
     }
 }
 

@@ -390,3 +390,78 @@ fn cli_bench_reports_the_notebook_baseline_and_its_no_op_share() {
     assert_ne!(code, 0);
     assert!(stderr.contains("maybe"), "{stderr}");
 }
+
+/// Ctrl-C during `patchbay sweep` stops it after the forward in flight and still writes what was
+/// computed (`"complete": false`), exiting 130 as a shell expects of an interrupted program.
+#[cfg(unix)]
+#[test]
+fn cli_ctrl_c_mid_sweep_writes_the_cells_computed_so_far() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+
+    let Some(gguf) = common::smollm2_gguf() else {
+        return;
+    };
+    let dir = TempDir::new("cli-interrupt");
+    let out = dir.0.join("partial.json");
+    // The naive schedule, one forward per cell: minutes in a debug build, so it is still running
+    // when the signal comes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_patchbay"))
+        .args([
+            "sweep",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--schedule",
+            "naive",
+            "--quiet",
+        ])
+        .args([
+            "--clean",
+            CLEAN,
+            "--corrupted",
+            CORRUPTED,
+            "--correct",
+            " John",
+            "--incorrect",
+            " Mary",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("patchbay starts");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    // The "answers" line comes after the baselines, just before the cells.
+    while !seen.contains("answers") {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "patchbay ended early: {seen}");
+        seen.push_str(&line);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signals our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    stdout.read_to_string(&mut seen).unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "stdout: {seen}\nstderr: {stderr}");
+    assert!(
+        stderr.contains("cancelled:") && stderr.contains("partial.json"),
+        "{stderr}"
+    );
+    assert!(seen.contains("wrote") && seen.contains("timing"), "{seen}");
+
+    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(written["complete"], false);
+    assert!(written["error"].is_null());
+    let cells: Vec<&serde_json::Value> = written["patched_logit_diff"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .collect();
+    let done = cells.iter().filter(|v| v.is_number()).count();
+    // The no-op cells (9 positions × 30 layers) at least, and far from all 480.
+    assert!((270..480).contains(&done), "{done} cells written");
+}

@@ -378,15 +378,15 @@ impl PatchbayApp {
                         s.elapsed = Some(s.started.elapsed().as_secs_f64());
                         s.result = *result;
                         self.heatmap.mark_dirty();
-                        if !s.result.complete {
-                            self.message = Some((
-                                format!(
-                                    "sweep cancelled: {} of {} cells kept",
-                                    s.result.done_cells(),
-                                    s.result.layers() * s.result.positions()
-                                ),
-                                false,
-                            ));
+                        let kept = format!(
+                            "{} of {} cells kept",
+                            s.result.done_cells(),
+                            s.result.layers() * s.result.positions()
+                        );
+                        if let Some(e) = &s.result.error {
+                            self.sweep_error = Some(format!("the sweep stopped early ({kept}): {e}"));
+                        } else if !s.result.complete {
+                            self.message = Some((format!("sweep cancelled: {kept}"), false));
                         }
                     }
                 }

@@ -107,8 +107,12 @@ pub struct SweepResult {
     pub top_k: Vec<Vec<Vec<TopToken>>>,
     /// The patched run's logits of [correct, incorrect] per `[layer][position]`; null where not computed.
     pub answer_logits: Vec<Vec<Option<[f32; 2]>>>,
-    /// Whether every cell was computed (false after a cancel).
+    /// Whether every cell was computed (false after a cancel or an error).
     pub complete: bool,
+    /// Why the sweep stopped before every cell was computed, when an error stopped it (null when
+    /// it completed or was cancelled); the cells computed before it are kept.
+    #[serde(default)]
+    pub error: Option<String>,
     /// A note for the reader, e.g. why `values` are null.
     pub warnings: Vec<String>,
     pub timing: Timing,

@@ -16,6 +16,7 @@
 //! computes their shared first tokens once
 //! ([`Transformer::forward_shared_prefix`](crate::model::Transformer::forward_shared_prefix)).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -275,6 +276,64 @@ fn patched_stream(
         // resid_mid = resid_pre + attn_out; the layer's MLP then runs on it.
         Component::AttnOut => model.transformer.mlp_residual(layer, &(pre + clean)?)?,
     })
+}
+
+/// A cell: (layer, position).
+type CellAt = (usize, usize);
+
+/// How [`run_blocks`] ended.
+struct BlockRun {
+    /// `cancel` was set before every block had run.
+    cancelled: bool,
+    /// The error that stopped the run; the blocks before it were delivered.
+    error: Option<Error>,
+    /// The most cells per forward once the device had run out of memory on larger blocks.
+    split_to: Option<usize>,
+}
+
+/// Runs `blocks` in order through `step`, which computes a block and delivers its cells, checking
+/// `cancel` before each. A block the device has no memory for is split in halves and retried, and
+/// no later block is larger than those halves; any other error, or running out of memory on a
+/// single cell, stops the run, keeping what was delivered.
+fn run_blocks(
+    blocks: Vec<Vec<CellAt>>,
+    cancel: &AtomicBool,
+    step: &mut dyn FnMut(&[CellAt]) -> Result<()>,
+) -> BlockRun {
+    let mut queue: VecDeque<Vec<CellAt>> = blocks.into();
+    let mut run = BlockRun {
+        cancelled: false,
+        error: None,
+        split_to: None,
+    };
+    let split = |queue: &mut VecDeque<Vec<CellAt>>, block: &[CellAt], most: usize| {
+        for part in block.chunks(most).rev() {
+            queue.push_front(part.to_vec());
+        }
+    };
+    while let Some(block) = queue.pop_front() {
+        if cancel.load(Ordering::Relaxed) {
+            run.cancelled = true;
+            break;
+        }
+        if let Some(most) = run.split_to.filter(|&most| block.len() > most) {
+            split(&mut queue, &block, most);
+            continue;
+        }
+        match step(&block) {
+            Ok(()) => {}
+            Err(e) if e.is_out_of_memory() && block.len() > 1 => {
+                let half = block.len().div_ceil(2);
+                run.split_to = Some(half);
+                split(&mut queue, &block, half);
+            }
+            Err(e) => {
+                run.error = Some(e);
+                break;
+            }
+        }
+    }
+    run
 }
 
 /// Σ exp(l − max) over `logits` (all ≤ `max`), the softmax denominator of every cell's top-k.
@@ -546,6 +605,7 @@ impl<'m> Sweep<'m> {
             top_k: vec![vec![Vec::new(); seq]; layers],
             answer_logits: vec![vec![None; seq]; layers],
             complete: false,
+            error: None,
             warnings,
             timing: Timing {
                 load_seconds: Some(model.load_seconds),
@@ -578,6 +638,10 @@ impl<'m> Sweep<'m> {
     /// Computes every cell, calling `on_cell` as each finishes. When `cancel` is set the sweep stops
     /// after the current batch and returns what it has, with `complete == false` (the no-op cells
     /// and those computed with the baselines are reported first, whatever `cancel` says).
+    ///
+    /// An error while computing cells does not lose the ones already computed: the sweep returns
+    /// them with `complete == false` and the error in `error`. When the GPU runs out of memory the
+    /// block in flight is first split and retried (see [`run_blocks`]).
     pub fn run(
         mut self,
         options: &SweepOptions,
@@ -650,24 +714,34 @@ impl<'m> Sweep<'m> {
         };
         // The patched residual stream the fast schedule's cones start from.
         let starts = match options.schedule {
-            Schedule::Fast if !blocks.is_empty() => self.cone_starts()?,
-            _ => Vec::new(),
+            Schedule::Fast if !blocks.is_empty() => self.cone_starts(),
+            _ => Ok(Vec::new()),
         };
-        let mut cancelled = false;
-        for block in &blocks {
-            if cancel.load(Ordering::Relaxed) {
-                cancelled = true;
-                break;
-            }
-            let logits = match options.schedule {
-                Schedule::Fast => self.fast_block(block, &starts)?,
-                Schedule::Naive => self.naive_batch(block)?,
-            };
-            for cell in self.block_cells(block, logits, options.top_k) {
-                self.emit(cell, on_cell);
-            }
+        let run = match starts {
+            Ok(starts) => run_blocks(blocks, cancel, &mut |block| {
+                let logits = match options.schedule {
+                    Schedule::Fast => self.fast_block(block, &starts)?,
+                    Schedule::Naive => self.naive_batch(block)?,
+                };
+                for cell in self.block_cells(block, logits, options.top_k) {
+                    self.emit(cell, on_cell);
+                }
+                Ok(())
+            }),
+            Err(e) => BlockRun {
+                cancelled: false,
+                error: Some(e),
+                split_to: None,
+            },
+        };
+        if let Some(most) = run.split_to {
+            self.result.warnings.push(format!(
+                "the GPU ran out of memory on the larger blocks of cells; the sweep went on with at most \
+                 {most} cells per forward"
+            ));
         }
-        self.result.complete = !cancelled;
+        self.result.complete = !run.cancelled && run.error.is_none();
+        self.result.error = run.error.map(|e| e.to_string());
         self.result.timing.schedule = options.schedule.name().to_owned();
         self.result.timing.baseline_seconds = self.baseline_seconds;
         self.result.timing.sweep_seconds = self.baseline_seconds + start.elapsed().as_secs_f64();
@@ -836,6 +910,72 @@ impl<'m> Sweep<'m> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn blocks(sizes: &[usize]) -> Vec<Vec<(usize, usize)>> {
+        let mut next = 0;
+        sizes
+            .iter()
+            .map(|&n| {
+                let block = (next..next + n).map(|i| (i / 10, i % 10)).collect();
+                next += n;
+                block
+            })
+            .collect()
+    }
+
+    fn out_of_memory() -> Error {
+        // What cudarc's allocator failure looks like through candle.
+        Error::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ))
+    }
+
+    #[test]
+    fn out_of_memory_splits_blocks_and_every_cell_still_arrives_in_order() {
+        let all: Vec<_> = blocks(&[7, 14, 1]).concat();
+        let mut delivered = Vec::new();
+        let mut sizes = Vec::new();
+        let run = run_blocks(blocks(&[7, 14, 1]), &AtomicBool::new(false), &mut |block| {
+            if block.len() > 2 {
+                return Err(out_of_memory());
+            }
+            sizes.push(block.len());
+            delivered.extend_from_slice(block);
+            Ok(())
+        });
+        assert!(!run.cancelled && run.error.is_none());
+        assert_eq!(delivered, all);
+        // 7 → 4 + 3 → (2 + 2) + (2 + 1); the 14 then runs as 2s without failing first.
+        assert_eq!(run.split_to, Some(2));
+        assert_eq!(sizes, [2, 2, 2, 1, 2, 2, 2, 2, 2, 2, 2, 1]);
+        assert!(out_of_memory().to_string().starts_with("the GPU ran out of memory"));
+    }
+
+    #[test]
+    fn other_errors_and_a_single_cell_out_of_memory_stop_the_run_keeping_earlier_blocks() {
+        for (failure, what) in [
+            (Error::Input("broken".into()), "another error"),
+            (out_of_memory(), "out of memory on one cell"),
+        ] {
+            let mut failure = Some(failure);
+            let mut delivered = Vec::new();
+            let run = run_blocks(blocks(&[1, 1, 1]), &AtomicBool::new(false), &mut |block| {
+                if delivered.len() == 1 {
+                    return Err(failure.take().expect("no retry after a stop"));
+                }
+                delivered.extend_from_slice(block);
+                Ok(())
+            });
+            assert_eq!(delivered, [(0, 0)], "{what}");
+            assert!(
+                run.error.is_some() && !run.cancelled && run.split_to.is_none(),
+                "{what}"
+            );
+        }
+        let cancel = AtomicBool::new(true);
+        let run = run_blocks(blocks(&[2]), &cancel, &mut |_| panic!("cancelled before it ran"));
+        assert!(run.cancelled && run.error.is_none());
+    }
 
     #[test]
     fn the_fast_softmax_denominator_matches_f64_exp() {
