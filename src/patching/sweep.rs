@@ -45,6 +45,13 @@ const FAST_BLOCK_GROWTH: usize = 6;
 /// Fast schedule: at most this many bytes of f32 logits per block (bounds memory on big
 /// vocabularies: 220 cells of Qwen3's 151,936 logits).
 const FAST_MAX_BLOCK_LOGIT_BYTES: usize = 128 << 20;
+/// Fast schedule: at most about this many bytes of one layer's activations per block (bounds
+/// memory on long prompts, whose cones are long: SmolLM2 packs at most ~17k token rows, Qwen3-0.6B
+/// ~7k, far more than a matmul needs to run efficiently).
+const FAST_MAX_BLOCK_ACTIVATION_BYTES: usize = 512 << 20;
+
+/// A cell: (layer, position).
+type CellAt = (usize, usize);
 
 /// What to sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,9 +285,6 @@ fn patched_stream(
     })
 }
 
-/// A cell: (layer, position).
-type CellAt = (usize, usize);
-
 /// How [`run_blocks`] ended.
 struct BlockRun {
     /// `cancel` was set before every block had run.
@@ -334,6 +338,43 @@ fn run_blocks(
         }
     }
     run
+}
+
+/// Groups `cells` (in schedule order) into blocks, one packed forward each: the first costs about
+/// [`FAST_FIRST_BLOCK_FRACTION`] of the total `cost`, each later one up to [`FAST_BLOCK_GROWTH`]
+/// times the one before; a block ends where the layer changes, and a remainder cheaper than the
+/// block just filled joins it. Whatever the costs, no block has more than `max_cells` cells or
+/// more than `max_rows` packed token `rows` (but one cell).
+fn pack_blocks(
+    cells: &[CellAt],
+    cost: &dyn Fn(&CellAt) -> usize,
+    rows: &dyn Fn(&CellAt) -> usize,
+    max_cells: usize,
+    max_rows: usize,
+) -> Vec<Vec<CellAt>> {
+    let mut remaining: usize = cells.iter().map(cost).sum();
+    let mut budget = ((remaining as f64 * FAST_FIRST_BLOCK_FRACTION) as usize).max(1);
+    let mut blocks = Vec::new();
+    let mut block: Vec<CellAt> = Vec::new();
+    let (mut spent, mut packed) = (0, 0);
+    for (i, cell) in cells.iter().enumerate() {
+        spent += cost(cell);
+        remaining -= cost(cell);
+        packed += rows(cell);
+        block.push(*cell);
+        let next = cells.get(i + 1);
+        let layer_ends = next.is_none_or(|next| next.0 != cell.0);
+        let full = block.len() >= max_cells || next.is_some_and(|next| packed + rows(next) > max_rows);
+        if full || (layer_ends && spent >= budget && remaining >= budget) {
+            blocks.push(std::mem::take(&mut block));
+            (spent, packed) = (0, 0);
+            budget = budget.saturating_mul(FAST_BLOCK_GROWTH);
+        }
+    }
+    if !block.is_empty() {
+        blocks.push(block);
+    }
+    blocks
 }
 
 /// Σ exp(l − max) over `logits` (all ≤ `max`), the softmax denominator of every cell's top-k.
@@ -803,8 +844,8 @@ impl<'m> Sweep<'m> {
     /// quickly, and a block of consecutive layers shares every weight read from its first layer on.
     /// The first block costs about [`FAST_FIRST_BLOCK_FRACTION`] of the sweep and each later one up
     /// to [`FAST_BLOCK_GROWTH`] times the one before, so the bulk runs in a few large, efficient
-    /// forwards. Blocks end at a layer boundary, and a remainder cheaper than the block just filled
-    /// joins it rather than running as a small block of its own.
+    /// forwards ([`pack_blocks`]), within the memory bounds [`FAST_MAX_BLOCK_LOGIT_BYTES`] and
+    /// [`FAST_MAX_BLOCK_ACTIVATION_BYTES`].
     fn fast_blocks(&self, mut cells: Vec<(usize, usize)>) -> Vec<Vec<(usize, usize)>> {
         let cfg = &self.model.config;
         let seq = self.result.positions();
@@ -814,28 +855,15 @@ impl<'m> Sweep<'m> {
             * (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim + 3 * cfg.intermediate_size);
         let head_cost = (cfg.vocab_size * cfg.hidden_size).div_ceil(layer_params.max(1));
         let cost = |&(l, p): &(usize, usize)| (cfg.num_layers - self.cone_start_layer(l)) * (seq - p) + head_cost;
-        let mut remaining: usize = cells.iter().map(cost).sum();
         let max_cells = (FAST_MAX_BLOCK_LOGIT_BYTES / (4 * cfg.vocab_size.max(1))).max(1);
-        let mut budget = ((remaining as f64 * FAST_FIRST_BLOCK_FRACTION) as usize).max(1);
-        let mut blocks = Vec::new();
-        let mut block: Vec<(usize, usize)> = Vec::new();
-        let mut spent = 0;
-        for (i, cell) in cells.iter().enumerate() {
-            spent += cost(cell);
-            remaining -= cost(cell);
-            block.push(*cell);
-            let layer_ends = cells.get(i + 1).is_none_or(|next| next.0 != cell.0);
-            let full = block.len() >= max_cells;
-            if full || (layer_ends && spent >= budget && remaining >= budget) {
-                blocks.push(std::mem::take(&mut block));
-                spent = 0;
-                budget *= FAST_BLOCK_GROWTH;
-            }
-        }
-        if !block.is_empty() {
-            blocks.push(block);
-        }
-        blocks
+        // A packed token row's activations in one layer: the residual stream and its copies (norm,
+        // attention output, resid_mid, MLP output), queries, keys and values, and the MLP's gate,
+        // up and product.
+        let row_bytes = 4
+            * (5 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size);
+        let max_rows = (FAST_MAX_BLOCK_ACTIVATION_BYTES / row_bytes.max(1)).max(seq);
+        let rows = |&(_, p): &CellAt| seq - p;
+        pack_blocks(&cells, &cost, &rows, max_cells, max_rows)
     }
 
     /// The layer whose resid_pre a cone for a patch at `layer` starts from: the patched layer itself
@@ -928,6 +956,35 @@ mod tests {
         Error::Candle(candle_core::Error::Msg(
             "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
         ))
+    }
+
+    #[test]
+    fn blocks_grow_end_at_layer_boundaries_and_keep_within_their_bounds() {
+        // SmolLM2 IOI resid_post as the fast schedule orders it: layers 28..0 (the last layer's
+        // cells come with the baselines) × positions 15..9, each cell costing its cone (the layers
+        // after it × its tokens) and the unembedding of a row (8 token-layers).
+        let cells: Vec<CellAt> = (0..29).rev().flat_map(|l| (9..16).rev().map(move |p| (l, p))).collect();
+        let cost = |&(l, p): &CellAt| (29 - l) * (16 - p) + 8;
+        let rows = |&(_, p): &CellAt| 16 - p;
+        let check = |blocks: &[Vec<CellAt>], max_cells: usize, max_rows: usize| {
+            assert_eq!(blocks.concat(), cells, "every cell once, in order");
+            for b in blocks {
+                assert!(!b.is_empty() && b.len() <= max_cells);
+                assert!(b.len() == 1 || b.iter().map(rows).sum::<usize>() <= max_rows, "{b:?}");
+            }
+        };
+        let free = pack_blocks(&cells, &cost, &rows, usize::MAX, usize::MAX);
+        check(&free, usize::MAX, usize::MAX);
+        let sizes: Vec<usize> = free.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [7, 14, 42, 140]);
+        // Bounded: no block over 20 cells or 60 rows, though the budget would allow more.
+        let bounded = pack_blocks(&cells, &cost, &rows, 20, 60);
+        check(&bounded, 20, 60);
+        assert!(bounded.len() > free.len());
+        // A cell larger than the row bound still runs, alone.
+        let alone = pack_blocks(&cells, &cost, &rows, usize::MAX, 3);
+        check(&alone, usize::MAX, 3);
+        assert!(alone.iter().any(|b| b == &[(28, 9)]));
     }
 
     #[test]
