@@ -297,6 +297,74 @@ impl candle_core::CustomOp2 for SiluMul {
     }
 }
 
+/// RoPE (HF's half-split rotation) on `x` `[1, tokens, heads, head_dim]` with per-token tables
+/// `cos`/`sin` `[tokens, head_dim / 2]`. On the CPU in f32 spread over the tokens: candle's kernel
+/// gives each batch row one thread, and a packed forward is a single row.
+fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let own = x.device().is_cpu()
+        && [x, cos, sin].iter().all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+        && x.dim(0)? == 1;
+    if own {
+        Ok(x.apply_op3_no_bwd(cos, sin, &RopeRows)?)
+    } else {
+        Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)?)
+    }
+}
+
+/// The CPU kernel behind [`rope_thd`].
+struct RopeRows;
+
+impl candle_core::CustomOp3 for RopeRows {
+    fn name(&self) -> &'static str {
+        "rope-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        x_layout: &candle_core::Layout,
+        cos: &candle_core::CpuStorage,
+        cos_layout: &candle_core::Layout,
+        sin: &candle_core::CpuStorage,
+        sin_layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        use rayon::prelude::*;
+        let (CpuStorage::F32(x), CpuStorage::F32(cos), CpuStorage::F32(sin)) = (x, cos, sin) else {
+            candle_core::bail!("rope-rows: f32 only");
+        };
+        let (Some((x0, x1)), Some((c0, c1)), Some((s0, s1))) = (
+            x_layout.contiguous_offsets(),
+            cos_layout.contiguous_offsets(),
+            sin_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("rope-rows: contiguous inputs only");
+        };
+        let (x, cos, sin) = (&x[x0..x1], &cos[c0..c1], &sin[s0..s1]);
+        let (_, tokens, heads, d) = x_layout.shape().dims4()?;
+        let half = d / 2;
+        if d % 2 != 0 || cos.len() != tokens * half || sin.len() != tokens * half {
+            candle_core::bail!("rope-rows: tables of {} for {tokens} tokens × head_dim {d}", cos.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(heads * d)
+            .zip(x.par_chunks(heads * d))
+            .zip(cos.par_chunks(half).zip(sin.par_chunks(half)))
+            .with_min_len(16)
+            .for_each(|((out, x), (cos, sin))| {
+                for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let (o1, o2) = out.split_at_mut(half);
+                    let (x1, x2) = x.split_at(half);
+                    for i in 0..half {
+                        o1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+                        o2[i] = x1[i] * sin[i] + x2[i] * cos[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+}
+
 impl Transformer {
     /// Builds the decoder from weights named as in an HF checkpoint (`model.layers.0.self_attn.q_proj.weight`, …).
     pub fn new(cfg: &ArchConfig, vb: VarBuilder) -> Result<Self> {
@@ -685,13 +753,13 @@ impl Transformer {
             Some(w) => candle_nn::ops::rms_norm(&q, w, eps)?,
             None => q,
         };
-        let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &q_cos, &q_sin)?.squeeze(0)?;
+        let q = rope_thd(&q.contiguous()?, &q_cos, &q_sin)?.squeeze(0)?;
         let k = k.contiguous()?.reshape((1, tokens, kv_heads, hd))?;
         let k = match &attn.k_norm {
             Some(w) => candle_nn::ops::rms_norm(&k, w, eps)?,
             None => k,
         };
-        let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
+        let k = rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
         let v = v.contiguous()?.reshape((tokens, kv_heads, hd))?;
 
         let shared;
@@ -946,8 +1014,7 @@ fn cone_attention_cpu(
                 let qh = &q[h * hd..(h + 1) * hd];
                 let mut max = f32::NEG_INFINITY;
                 for (slot, score) in scores.iter_mut().enumerate() {
-                    let dot: f32 = qh.iter().zip(key(g, slot).0).map(|(a, b)| a * b).sum();
-                    *score = dot * scale;
+                    *score = dot(qh, key(g, slot).0) * scale;
                     max = max.max(*score);
                 }
                 let mut sum = 0f32;
@@ -965,6 +1032,21 @@ fn cone_attention_cpu(
             }
         });
     Ok(Tensor::from_vec(out, (n_queries, heads * hd), &dev)?)
+}
+
+/// a · b, in eight running sums: a plain sum of products is one long chain of dependent additions
+/// the compiler may not reorder, so it runs one lane at a time.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    let mut lanes = [0f32; 8];
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Additive causal mask `[seq, offset + seq]` for queries at positions `offset..offset+seq`;
@@ -1194,5 +1276,18 @@ mod tests {
         // Views that are not contiguous take candle's ops.
         let (gt, ut) = (gate.t().unwrap(), up.t().unwrap());
         assert!(max_abs_diff(&swiglu(&gt, &ut).unwrap(), &reference.t().unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn the_cpu_rope_matches_candles() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 37, 6, 32), &dev).unwrap();
+        let cos = Tensor::randn(0f32, 1.0, (37, 16), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (37, 16), &dev).unwrap();
+        let reference = candle_nn::rotary_emb::rope_thd(&x, &cos, &sin).unwrap();
+        let ours = x.apply_op3_no_bwd(&cos, &sin, &RopeRows).unwrap();
+        assert_eq!(ours.dims(), reference.dims());
+        assert!(max_abs_diff(&ours, &reference) < 1e-6);
+        assert!(max_abs_diff(&rope_thd(&x, &cos, &sin).unwrap(), &reference) < 1e-6);
     }
 }
