@@ -51,6 +51,27 @@ pub struct GuiArgs {
     /// Run a sweep with the current prompts as soon as the model has loaded.
     #[arg(long)]
     pub run: bool,
+    /// Start with this clean prompt (else the one used last).
+    #[arg(long)]
+    pub clean: Option<String>,
+    /// Start with this corrupted prompt.
+    #[arg(long)]
+    pub corrupted: Option<String>,
+    /// Start with this correct answer (e.g. " John").
+    #[arg(long)]
+    pub correct: Option<String>,
+    /// Start with this incorrect answer (e.g. " Mary").
+    #[arg(long)]
+    pub incorrect: Option<String>,
+    /// resid_post, resid_pre, attn_out or mlp_out.
+    #[arg(long)]
+    pub component: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// auto, f32, bf16 or f16.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 /// Which model, on which device.
@@ -801,11 +822,34 @@ fn info(args: ModelArgs) -> Result<()> {
 
 /// Opens the desktop app.
 pub fn gui(args: GuiArgs) -> Result<()> {
+    // Refused here, before a window opens.
+    let dtype = match args.dtype.as_deref().map(str::trim) {
+        None => None,
+        Some(d) if d.eq_ignore_ascii_case("auto") => Some("auto".to_owned()),
+        Some(d) => Some(
+            match parse_dtype(d)? {
+                candle_core::DType::F32 => "f32",
+                candle_core::DType::F16 => "f16",
+                _ => "bf16",
+            }
+            .to_owned(),
+        ),
+    };
+    let overrides = crate::app::Overrides {
+        clean: args.clean,
+        corrupted: args.corrupted,
+        correct: args.correct,
+        incorrect: args.incorrect,
+        component: args.component.as_deref().map(Component::parse).transpose()?,
+        device: args.device.as_deref().map(DeviceChoice::parse).transpose()?,
+        dtype,
+    };
     let start = crate::app::StartOptions {
         model: args.model,
         demo_model: args.demo_model,
         fresh: false,
         run_on_load: args.run,
+        overrides,
     };
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()

@@ -21,6 +21,7 @@ fn harness(model: &str) -> Harness<'static, PatchbayApp> {
         demo_model: None,
         fresh: true,
         run_on_load: false,
+        ..Default::default()
     };
     Harness::builder()
         .with_size(egui::vec2(1400.0, 860.0))
@@ -200,4 +201,47 @@ fn closing_the_window_mid_sweep_returns_promptly() {
         "closing took {:?}",
         start.elapsed()
     );
+}
+
+/// `patchbay gui --clean … --corrupted … --correct … --incorrect … --component … --run`: the app
+/// starts on those settings rather than the remembered ones and sweeps them once the model loads.
+#[test]
+fn command_line_settings_start_the_app_and_run() {
+    let dir = TempDir::new("gui-overrides");
+    let model = tiny_model(&dir);
+    let clean = "When Tom and Anna went to the park, Anna gave a ball to";
+    let corrupted = "When Tom and Anna went to the park, Tom gave a ball to";
+    let start = StartOptions {
+        model: Some(model),
+        fresh: true,
+        run_on_load: true,
+        overrides: patchbay::app::Overrides {
+            clean: Some(clean.into()),
+            corrupted: Some(corrupted.into()),
+            correct: Some(" Tom".into()),
+            incorrect: Some(" Anna".into()),
+            component: Some(patchbay::patching::Component::MlpOut),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1400.0, 860.0))
+        .with_max_steps(100_000)
+        .allow_missing_glyphs()
+        .build_eframe(move |cc| PatchbayApp::new(cc, start));
+    wait_until(&mut h, "the sweep to finish", |a| {
+        a.result().is_some_and(|r| r.complete) && !a.is_busy()
+    });
+    let result = h.state().result().unwrap().clone();
+    assert_eq!(result.clean.text, clean);
+    assert_eq!(result.corrupted.text, corrupted);
+    assert_eq!(
+        (result.correct.text.as_str(), result.incorrect.text.as_str()),
+        (" Tom", " Anna")
+    );
+    assert_eq!(result.component, patchbay::patching::Component::MlpOut);
+    // The editors show them, and no preset claims them.
+    assert_eq!(h.state_mut().settings_mut().clean, clean);
+    assert_eq!(h.state_mut().settings_mut().preset, None);
 }

@@ -99,6 +99,47 @@ pub struct StartOptions {
     pub fresh: bool,
     /// Start a sweep as soon as the model has loaded (demos, screenshots).
     pub run_on_load: bool,
+    /// Settings given on the command line, over the remembered ones.
+    pub overrides: Overrides,
+}
+
+/// Settings to start with instead of the remembered ones (`patchbay gui --clean … --device …`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub clean: Option<String>,
+    pub corrupted: Option<String>,
+    pub correct: Option<String>,
+    pub incorrect: Option<String>,
+    pub component: Option<Component>,
+    pub device: Option<DeviceChoice>,
+    /// "auto", "f32", "bf16" or "f16".
+    pub dtype: Option<String>,
+}
+
+impl Overrides {
+    fn apply(self, settings: &mut Settings) {
+        let prompts_given = self.clean.is_some() || self.corrupted.is_some();
+        let set = |field: &mut String, value: Option<String>| {
+            if let Some(v) = value {
+                *field = v;
+            }
+        };
+        set(&mut settings.clean, self.clean);
+        set(&mut settings.corrupted, self.corrupted);
+        set(&mut settings.correct, self.correct);
+        set(&mut settings.incorrect, self.incorrect);
+        set(&mut settings.dtype, self.dtype);
+        if let Some(c) = self.component {
+            settings.component = c;
+        }
+        if let Some(d) = self.device {
+            settings.device = d;
+        }
+        if prompts_given {
+            // The prompts are the user's own now, not the preset's.
+            settings.preset = None;
+        }
+    }
 }
 
 struct Loading {
@@ -188,6 +229,7 @@ impl PatchbayApp {
         if let Some(m) = &start.model {
             settings.model = m.clone();
         }
+        start.overrides.clone().apply(&mut settings);
         let ctx = cc.egui_ctx.clone();
         let worker = Worker::spawn(move || ctx.request_repaint());
         let mut app = Self {

@@ -302,7 +302,9 @@ impl candle_core::CustomOp2 for SiluMul {
 /// gives each batch row one thread, and a packed forward is a single row.
 fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let own = x.device().is_cpu()
-        && [x, cos, sin].iter().all(|t| t.dtype() == DType::F32 && t.is_contiguous())
+        && [x, cos, sin]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.is_contiguous())
         && x.dim(0)? == 1;
     if own {
         Ok(x.apply_op3_no_bwd(cos, sin, &RopeRows)?)
