@@ -285,6 +285,8 @@ fn sweep(args: SweepArgs) -> Result<()> {
         model.device_name(),
         model.load_seconds
     );
+    // From here on, Ctrl-C keeps what is computed (a model still loading just quits).
+    stop_on_interrupt();
     let prepared = Sweep::prepare(&model, &request, options.top_k)?;
     let r = prepared.result();
     let _ = writeln!(
@@ -314,7 +316,6 @@ fn sweep(args: SweepArgs) -> Result<()> {
     let started = Instant::now();
     let mut last_draw = Instant::now();
     let quiet = args.quiet;
-    stop_on_interrupt();
     let result = prepared.run(&options, &INTERRUPTED, &mut |_cell| {
         done += 1;
         if !quiet && (last_draw.elapsed().as_millis() >= 100 || done == total) {
