@@ -711,10 +711,19 @@ fn bench(args: BenchArgs) -> Result<()> {
             .zip(b.result.patched_logit_diff.iter().flatten())
             .filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).abs()))
             .fold(0.0f64, f64::max);
+        let r = &b.result;
+        let scale = r
+            .clean_answer_logits
+            .iter()
+            .chain(&r.corrupted_answer_logits)
+            .fold(0f32, |m, &x| m.max(x.abs()));
         println!(
-            "  largest raw logit-difference gap between {} and {}: {worst:.2e}",
+            "  largest raw logit-difference gap between {} and {}: {worst:.2e} (clean LD {:+.4}, corrupted LD \
+             {:+.4}, answer logits up to {scale:.2} in magnitude)",
             schedules[0].name(),
-            schedules[schedules.len() - 1].name()
+            schedules[schedules.len() - 1].name(),
+            r.clean_logit_diff,
+            r.corrupted_logit_diff
         );
     }
     Ok(())
