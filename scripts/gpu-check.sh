@@ -7,7 +7,8 @@
 #   #   run(command="scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=480)
 #   scripts/gpu-check.sh run cpu    # here, to try the script itself on the CPU build (f32 only)
 #
-# `run` writes to $OUT (or .gpu/out): log (everything), check.txt (the comparison), bench-*.txt.
+# `run` writes to $OUT (or .gpu/out): log (everything), check.txt (the comparison), bench-*.txt,
+# sweeps.tgz (every sweep's JSON and output); it exits non-zero if any check or bench failed.
 # 1. Correctness: the tiny random-weight Qwen3, Qwen2, Llama and Llama 3 models of
 #    tests/fixtures/tiny_reference.json, every component, swept on the device in f32 with the fast
 #    schedule (and naive for Qwen3), each cell compared with HF transformers' numbers (≤ 2e-4 in raw
@@ -38,8 +39,18 @@ fi
 device="${2:-cuda}"
 out="${OUT:-.gpu/out}"
 work="$(mktemp -d)"
-mkdir -p "$out" "$work/sweeps"
+mkdir -p "$out" "$work/sweeps" "$work/logs"
 exec > >(tee "$out/log") 2>&1
+tee_pid=$!
+status=0
+finish() {
+  tar -czf "$out/sweeps.tgz" -C "$work" sweeps logs 2>/dev/null
+  rm -rf "$work"
+  echo "== gpu-check exit status: $status"
+  exec >&- 2>&-
+  wait "$tee_pid"
+  exit "$status"
+}
 if [ ! -d .gpu/models ]; then
   echo "no .gpu/models: run 'scripts/gpu-check.sh prepare' first (and carry .gpu)"
   exit 2
@@ -66,7 +77,8 @@ echo "== correctness against HF transformers (tests/fixtures/tiny_reference.json
 prompts=(--clean "After John and Mary went to the store, Mary gave a bottle of milk to"
   --corrupted "After John and Mary went to the store, John gave a bottle of milk to"
   --correct " John" --incorrect " Mary")
-"$bin" info --model .gpu/models/tiny-qwen3 --device "$device" --dtype f32 || echo "FAIL: the tiny model does not load on $device"
+"$bin" info --model .gpu/models/tiny-qwen3 --device "$device" --dtype f32 || { echo "FAIL: the tiny model does not load on $device"; status=1; }
+expected=()
 for dir in .gpu/models/*/; do
   model="$(basename "$dir")"
   for component in resid_pre resid_post attn_out mlp_out; do
@@ -76,31 +88,41 @@ for dir in .gpu/models/*/; do
       for dtype in "${dtypes[@]}"; do
         if [ "$dtype" != f32 ] && [ "$model" != tiny-qwen3 ]; then continue; fi
         name="$model-$component-$schedule-$dtype"
+        expected+=("$work/sweeps/$name.json")
         "$bin" sweep --model "$dir" --device "$device" --dtype "$dtype" --component "$component" \
-          --schedule "$schedule" "${prompts[@]}" --quiet --out "$work/sweeps/$name.json" > "$work/$name.txt" 2>&1 \
-          || { echo "FAIL: $name"; tail -5 "$work/$name.txt"; }
+          --schedule "$schedule" "${prompts[@]}" --quiet --out "$work/sweeps/$name.json" > "$work/logs/$name.txt" 2>&1 \
+          || { echo "FAIL: $name"; tail -5 "$work/logs/$name.txt"; }
       done
     done
   done
 done
-python3 scripts/compare-sweeps.py tests/fixtures/tiny_reference.json 2e-4 "$work"/sweeps/*.json | tee "$out/check.txt"
-echo "correctness check exit status: ${PIPESTATUS[0]}"
+python3 scripts/compare-sweeps.py tests/fixtures/tiny_reference.json 2e-4 "$device" "${expected[@]}" | tee "$out/check.txt"
+check="${PIPESTATUS[0]}"
+echo "correctness check exit status: $check"
+[ "$check" = 0 ] || status=1
 
 # Peak GPU memory while `bench` runs, above what was in use before it.
 sample() {
   if [ "$device" = cpu ]; then "$@"; return; fi
   local before
   before="$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 > "$work/mem.csv" &
+  # nvidia-smi's own -f writes each sample as it comes (a redirect may be block-buffered and
+  # lose the last samples, the largest blocks', to the kill).
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 -f "$work/mem.csv" &
   local smi=$!
   "$@"
+  local rc=$?
   kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
-  echo "gpu memory: peak $(sort -n "$work/mem.csv" | tail -1) MiB in use (nvidia-smi, every 20 ms), $before MiB before the run"
+  local peak
+  peak="$(sort -n "$work/mem.csv" 2>/dev/null | tail -1)"
+  echo "gpu memory: peak ${peak:-n/a} MiB in use (nvidia-smi, every 20 ms), $before MiB before the run"
+  return "$rc"
 }
 for dtype in "${dtypes[@]}"; do
   rounds=1
   if [ "$device" != cpu ] && [ "$dtype" = bf16 ]; then rounds=3; fi
   echo "== bench: synthetic qwen3-0.6b, $dtype, $rounds round(s)"
-  sample "$bin" bench --synthetic qwen3-0.6b --device "$device" --dtype "$dtype" --rounds "$rounds" | tee "$out/bench-$dtype.txt"
+  sample "$bin" bench --synthetic qwen3-0.6b --device "$device" --dtype "$dtype" --rounds "$rounds" \
+    | tee "$out/bench-$dtype.txt" || { echo "FAIL: bench $dtype"; status=1; }
 done
-rm -rf "$work"
+finish

@@ -371,11 +371,12 @@ fn sweep(args: SweepArgs) -> Result<()> {
     })
 }
 
-/// Set by the first Ctrl-C during `patchbay sweep`: the sweep stops after the block in flight and
-/// what it computed is written as usual.
+/// Set by the first Ctrl-C during `patchbay sweep`: the sweep stops within a layer's time and what
+/// it computed is written as usual.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Ctrl-C stops a sweep without losing its cells ([`INTERRUPTED`]); a second Ctrl-C quits at once.
+/// Unix only: elsewhere Ctrl-C ends the process as usual.
 fn stop_on_interrupt() {
     #[cfg(unix)]
     {
@@ -384,14 +385,42 @@ fn stop_on_interrupt() {
                 // SAFETY: _exit is async-signal-safe.
                 unsafe { libc::_exit(130) };
             }
-            let msg = b"\nstopping after the cells in flight; Ctrl-C again to quit without writing anything\n";
-            // SAFETY: write(2) is async-signal-safe; the buffer is a static byte string.
-            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+            let msg = b"\nstopping; the cells computed so far will be written (Ctrl-C again quits at once, \
+                        writing nothing)\n";
+            // SAFETY: write(2) is async-signal-safe and the buffer static; errno, which it may set,
+            // is put back for the code the signal interrupted.
+            unsafe {
+                let errno = errno_location();
+                let saved = errno.as_ref().map(|e| *e);
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                if let (Some(e), Some(saved)) = (errno.as_mut(), saved) {
+                    *e = saved;
+                }
+            }
         }
-        let handler: extern "C" fn(libc::c_int) = on_interrupt;
-        // SAFETY: installs a handler that only touches an atomic and calls async-signal-safe functions.
-        unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+        // SAFETY: installs a handler that only touches an atomic and errno and calls
+        // async-signal-safe functions.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+        }
     }
+}
+
+/// The calling thread's errno, where libc names it.
+#[cfg(unix)]
+fn errno_location() -> *mut libc::c_int {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    // SAFETY: returns a pointer to the thread's errno.
+    return unsafe { libc::__errno_location() };
+    #[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+    // SAFETY: returns a pointer to the thread's errno.
+    return unsafe { libc::__error() };
+    #[allow(unreachable_code)]
+    std::ptr::null_mut()
 }
 
 /// Fails early, before minutes of work, when an output file cannot be created.

@@ -893,6 +893,7 @@ impl PatchbayApp {
                     "done in {secs:.2} s ({} computed, {} skipped)",
                     r.timing.cells_computed, r.timing.cells_skipped
                 ),
+                Some(_) if r.error.is_some() => format!("stopped by an error after {secs:.1} s"),
                 Some(_) => format!("cancelled after {secs:.1} s"),
                 None => {
                     let computed = done.saturating_sub(r.skipped.iter().flatten().filter(|s| **s).count());

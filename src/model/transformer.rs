@@ -14,6 +14,7 @@
 //! - only the last position goes through the final norm and the unembedding.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -345,8 +346,13 @@ impl candle_core::CustomOp3 for RopeRows {
         let (x, cos, sin) = (&x[x0..x1], &cos[c0..c1], &sin[s0..s1]);
         let (_, tokens, heads, d) = x_layout.shape().dims4()?;
         let half = d / 2;
-        if d % 2 != 0 || cos.len() != tokens * half || sin.len() != tokens * half {
-            candle_core::bail!("rope-rows: tables of {} for {tokens} tokens × head_dim {d}", cos.len());
+        let table = [tokens, half];
+        if d % 2 != 0 || cos_layout.dims() != table || sin_layout.dims() != table {
+            candle_core::bail!(
+                "rope-rows: tables {:?} and {:?} for {tokens} tokens × head_dim {d}",
+                cos_layout.dims(),
+                sin_layout.dims()
+            );
         }
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(heads * d)
@@ -612,7 +618,10 @@ impl Transformer {
     /// after RoPE and QK-norm, covering at least every cone's positions before its offset) and,
     /// causally, to each other. The last layer runs queries, attention output and MLP only for each
     /// cone's last token: the other tokens are needed there only as keys and values.
-    pub fn forward_cones(&self, cones: &[Cone], prefix: &[LayerKv]) -> Result<Tensor> {
+    ///
+    /// `cancel` is looked at before each layer: when it is set the forward stops with
+    /// [`Error::Cancelled`], so a large block does not hold up a cancel.
+    pub fn forward_cones(&self, cones: &[Cone], prefix: &[LayerKv], cancel: &AtomicBool) -> Result<Tensor> {
         let n_layers = self.layers.len();
         let d = self.cfg.hidden_size;
         for (i, c) in cones.iter().enumerate() {
@@ -645,6 +654,9 @@ impl Transformer {
         let mut x: Option<Tensor> = None;
         let mut joined = 0;
         for (l, layer_prefix) in prefix.iter().enumerate().take(n_layers).skip(first_layer) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled("cancelled".into()));
+            }
             let mut parts: Vec<Tensor> = x.take().into_iter().collect();
             let mut rows = segments.last().map_or(0, |s| s.row + s.len);
             while let Some(&i) = order.get(joined).filter(|&&i| cones[i].start_layer == l) {

@@ -46,8 +46,8 @@ const FAST_BLOCK_GROWTH: usize = 6;
 /// vocabularies: 220 cells of Qwen3's 151,936 logits).
 const FAST_MAX_BLOCK_LOGIT_BYTES: usize = 128 << 20;
 /// Fast schedule: at most about this many bytes of one layer's activations per block (bounds
-/// memory on long prompts, whose cones are long: SmolLM2 packs at most ~17k token rows, Qwen3-0.6B
-/// ~7k, far more than a matmul needs to run efficiently).
+/// memory on long prompts, whose cones are long: SmolLM2 in f32 on the CPU packs at most
+/// ~16k token rows, Qwen3-0.6B ~7k, far more than a matmul needs to run efficiently).
 const FAST_MAX_BLOCK_ACTIVATION_BYTES: usize = 512 << 20;
 
 /// A cell: (layer, position).
@@ -326,6 +326,11 @@ fn run_blocks(
         }
         match step(&block) {
             Ok(()) => {}
+            // `step` saw `cancel` mid-block: the block's cells are dropped, the earlier ones kept.
+            Err(Error::Cancelled(_)) => {
+                run.cancelled = true;
+                break;
+            }
             Err(e) if e.is_out_of_memory() && block.len() > 1 => {
                 let half = block.len().div_ceil(2);
                 run.split_to = Some(half);
@@ -677,8 +682,9 @@ impl<'m> Sweep<'m> {
     }
 
     /// Computes every cell, calling `on_cell` as each finishes. When `cancel` is set the sweep stops
-    /// after the current batch and returns what it has, with `complete == false` (the no-op cells
-    /// and those computed with the baselines are reported first, whatever `cancel` says).
+    /// and returns what it has, with `complete == false`: within a layer of the fast schedule's
+    /// block in flight (whose cells are dropped), after the forward in flight of the naive one. The
+    /// no-op cells and those computed with the baselines are reported first, whatever `cancel` says.
     ///
     /// An error while computing cells does not lose the ones already computed: the sweep returns
     /// them with `complete == false` and the error in `error`. When the GPU runs out of memory the
@@ -761,7 +767,7 @@ impl<'m> Sweep<'m> {
         let run = match starts {
             Ok(starts) => run_blocks(blocks, cancel, &mut |block| {
                 let logits = match options.schedule {
-                    Schedule::Fast => self.fast_block(block, &starts)?,
+                    Schedule::Fast => self.fast_block(block, &starts, cancel)?,
                     Schedule::Naive => self.naive_batch(block)?,
                 };
                 for cell in self.block_cells(block, logits, options.top_k) {
@@ -858,9 +864,19 @@ impl<'m> Sweep<'m> {
         let max_cells = (FAST_MAX_BLOCK_LOGIT_BYTES / (4 * cfg.vocab_size.max(1))).max(1);
         // A packed token row's activations in one layer: the residual stream and its copies (norm,
         // attention output, resid_mid, MLP output), queries, keys and values, and the MLP's gate,
-        // up and product.
+        // up and product. Off the CPU's f32 path, attention is batched tensors too: a row's scores
+        // over every key slot per head (in the dtype, an f32 copy and the probabilities), cones
+        // padded to the longest (up to twice the rows).
+        let t = &self.model.transformer;
+        let tensor_attention = !(t.device().is_cpu() && t.dtype() == DType::F32);
+        let attention_bytes = if tensor_attention {
+            2 * cfg.num_heads * seq * 12
+        } else {
+            0
+        };
         let row_bytes = 4
-            * (5 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size);
+            * (5 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size)
+            + attention_bytes;
         let max_rows = (FAST_MAX_BLOCK_ACTIVATION_BYTES / row_bytes.max(1)).max(seq);
         let rows = |&(_, p): &CellAt| seq - p;
         pack_blocks(&cells, &cost, &rows, max_cells, max_rows)
@@ -896,7 +912,7 @@ impl<'m> Sweep<'m> {
     }
 
     /// The fast schedule: one packed forward of the causal cones of `block`'s cells.
-    fn fast_block(&self, block: &[(usize, usize)], starts: &[Tensor]) -> Result<Vec<Vec<f32>>> {
+    fn fast_block(&self, block: &[(usize, usize)], starts: &[Tensor], cancel: &AtomicBool) -> Result<Vec<Vec<f32>>> {
         let seq = self.result.positions();
         let cones = block
             .iter()
@@ -916,7 +932,10 @@ impl<'m> Sweep<'m> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let logits = self.model.transformer.forward_cones(&cones, &self.corrupted_kv)?;
+        let logits = self
+            .model
+            .transformer
+            .forward_cones(&cones, &self.corrupted_kv, cancel)?;
         logits_rows(&logits)
     }
 
@@ -1032,6 +1051,16 @@ mod tests {
         let cancel = AtomicBool::new(true);
         let run = run_blocks(blocks(&[2]), &cancel, &mut |_| panic!("cancelled before it ran"));
         assert!(run.cancelled && run.error.is_none());
+        // A cancel seen inside a block (forward_cones looks before each layer) is a cancel.
+        let mut delivered = Vec::new();
+        let run = run_blocks(blocks(&[1, 1, 1]), &AtomicBool::new(false), &mut |block| {
+            if delivered.len() == 1 {
+                return Err(Error::Cancelled("cancelled".into()));
+            }
+            delivered.extend_from_slice(block);
+            Ok(())
+        });
+        assert!(run.cancelled && run.error.is_none() && delivered == [(0, 0)]);
     }
 
     #[test]
