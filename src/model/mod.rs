@@ -1,6 +1,7 @@
 //! Loading models: where the files come from, their architecture, weights and tokenizer.
 
 pub mod config;
+pub mod fastmath;
 pub mod hub;
 pub mod skinny;
 pub mod synthetic;
