@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::export::{data, figure};
 use crate::model::{DEFAULT_MODEL, DeviceChoice, LoadProgress, Model, ModelSource, parse_dtype};
 use crate::patching::Component;
-use crate::patching::result::SweepResult;
+use crate::patching::result::{ForwardTiming, SweepResult, Timing};
 use crate::patching::sweep::{
     DEFAULT_BATCH_CELLS, DEFAULT_TOP_K, Schedule, Sweep, SweepOptions, SweepRequest, TokenSweepRequest,
 };
@@ -147,6 +147,10 @@ pub const IOI_CORRUPTED: &str = "After John and Mary went to the store, John gav
 pub const BENCH_DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Synthetic benchmark prompts: this many tokens, differing at [`SYNTHETIC_DIFF_POSITION`].
 pub const SYNTHETIC_PROMPT_TOKENS: usize = 16;
+/// The bench lists a sweep's forwards one by one up to this many (the fast schedule's blocks);
+/// beyond, it gives their median.
+const BENCH_FORWARDS_LISTED: usize = 16;
+
 /// Where the synthetic clean and corrupted prompts differ (like IOI's second name).
 pub const SYNTHETIC_DIFF_POSITION: usize = 9;
 
@@ -196,6 +200,11 @@ pub struct BenchArgs {
     /// The incorrect answer (text models).
     #[arg(long, default_value = " Mary")]
     pub incorrect: String,
+    /// Time from the first round on, without the untimed warm-up (a fast sweep and one naive
+    /// forward) that otherwise keeps kernel loading, compilation and first-use allocations out of
+    /// the numbers.
+    #[arg(long)]
+    pub no_warmup: bool,
 }
 
 /// `patchbay tokenize`.
@@ -606,22 +615,57 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("note      cannot reset the peak-RSS counter here: peaks are for the whole process so far");
     }
 
+    let options = |schedule| SweepOptions {
+        schedule,
+        top_k: DEFAULT_TOP_K,
+        batch_cells: args.batch,
+        skip_noops: !naive_runs_noops,
+    };
+    let prepare = || match &args.synthetic {
+        Some(_) => Sweep::prepare_tokens(&model, &synthetic_request(component), DEFAULT_TOP_K),
+        None => Sweep::prepare(&model, &text_request, DEFAULT_TOP_K),
+    };
+    if !args.no_warmup {
+        // Each schedule once, untimed; the naive one only up to its first computed cell, as every
+        // later forward has the same shapes.
+        let started = Instant::now();
+        for &schedule in &schedules {
+            let stop = AtomicBool::new(false);
+            let result = prepare()?.run(&options(schedule), &stop, &mut |cell| {
+                if !cell.skipped && schedule == Schedule::Naive {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            })?;
+            if let Some(e) = &result.error {
+                return Err(Error::Stopped(format!(
+                    "the {} warm-up sweep stopped early: {e}",
+                    schedule.name()
+                )));
+            }
+        }
+        let what: Vec<&str> = schedules
+            .iter()
+            .map(|s| match s {
+                Schedule::Fast => "a fast sweep",
+                Schedule::Naive => "one naive forward",
+            })
+            .collect();
+        println!(
+            "warm-up   {:.2} s, untimed ({}): kernel loading, compilation and first-use allocations stay \
+             out of the rounds",
+            started.elapsed().as_secs_f64(),
+            what.join(", ")
+        );
+    }
+
     let mut runs: Vec<Vec<BenchRun>> = schedules.iter().map(|_| Vec::new()).collect();
     for round in 1..=args.rounds {
         for (si, &schedule) in schedules.iter().enumerate() {
             reset_peak_rss();
-            let options = SweepOptions {
-                schedule,
-                top_k: DEFAULT_TOP_K,
-                batch_cells: args.batch,
-                skip_noops: !naive_runs_noops,
-            };
+            let options = options(schedule);
             let started = Instant::now();
             let cpu_before = process_cpu_seconds();
-            let prepared = match &args.synthetic {
-                Some(_) => Sweep::prepare_tokens(&model, &synthetic_request(component), options.top_k)?,
-                None => Sweep::prepare(&model, &text_request, options.top_k)?,
-            };
+            let prepared = prepare()?;
             let first_diff = prepared.first_diff();
             let mut first_cell = None;
             // Time spent on no-op cells that were computed (naive with `--naive-noops run`): the time
@@ -755,7 +799,51 @@ fn bench(args: BenchArgs) -> Result<()> {
             r.corrupted_logit_diff
         );
     }
+    println!("\nwhere round {}'s time went", args.rounds);
+    for (schedule, rs) in schedules.iter().zip(&runs) {
+        if let Some(run) = rs.last() {
+            print_time_breakdown(*schedule, &run.result.timing);
+        }
+    }
     Ok(())
+}
+
+/// The bench's account of one sweep's time: baselines, each forward (the fast schedule's few) or
+/// their median (the naive one's many), the cells' softmax and top-k on the CPU, and the rest.
+fn print_time_breakdown(schedule: Schedule, timing: &Timing) {
+    let forwards = &timing.forwards;
+    let forward_total: f64 = forwards.iter().map(|f| f.forward_seconds).sum();
+    let cells_total: f64 = forwards.iter().map(|f| f.cells_seconds).sum();
+    let other = timing.sweep_seconds - timing.baseline_seconds - forward_total - cells_total;
+    println!(
+        "  {:<5} baselines {:.3} s, {} forwards {:.3} s, cells' softmax and top-k {:.3} s, other {:.3} s",
+        schedule.name(),
+        timing.baseline_seconds,
+        forwards.len(),
+        forward_total,
+        cells_total,
+        other
+    );
+    let rate = |f: &ForwardTiming| f.token_layers as f64 / f.forward_seconds.max(1e-9);
+    if forwards.len() <= BENCH_FORWARDS_LISTED {
+        for f in forwards {
+            println!(
+                "        {:>4} cells, {:>7} token-layers: {:>8.1} ms ({:.0} token-layers/s), cells {:.1} ms",
+                f.cells,
+                f.token_layers,
+                f.forward_seconds * 1000.0,
+                rate(f),
+                f.cells_seconds * 1000.0
+            );
+        }
+    } else if let Some(each) = median(forwards.iter().map(|f| f.forward_seconds).collect()) {
+        let token_layers = median(forwards.iter().map(|f| f.token_layers as f64).collect()).unwrap_or_default();
+        println!(
+            "        median forward {:.1} ms for {token_layers:.0} token-layers ({:.0} token-layers/s)",
+            each * 1000.0,
+            token_layers / each.max(1e-9)
+        );
+    }
 }
 
 /// The median (the mean of the middle two for an even count); None for no values.

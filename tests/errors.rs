@@ -11,6 +11,25 @@ use patchbay::patching::sweep::{Sweep, SweepRequest};
 
 const CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
 const CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
+/// The IOI prompts and answers as `patchbay sweep` arguments.
+const IOI_ARGS: [&str; 8] = [
+    "--clean",
+    CLEAN,
+    "--corrupted",
+    CORRUPTED,
+    "--correct",
+    " John",
+    "--incorrect",
+    " Mary",
+];
+
+/// `patchbay sweep --model <model>` on the IOI prompts, then `extra`.
+fn ioi_sweep<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["sweep", "--model", model];
+    args.extend(IOI_ARGS);
+    args.extend(extra);
+    args
+}
 
 fn tiny_model(dir: &TempDir) -> Model {
     let reference = fixture_json("tiny_reference.json");
@@ -171,19 +190,7 @@ fn cli_unknown_repo_offline_says_so_without_panicking() {
     let cache = TempDir::new("empty-hf-cache");
     let cache_path = cache.0.to_string_lossy().into_owned();
     let (code, _, stderr) = patchbay(
-        &[
-            "sweep",
-            "--model",
-            "nobody/no-such-model",
-            "--clean",
-            CLEAN,
-            "--corrupted",
-            CORRUPTED,
-            "--correct",
-            " John",
-            "--incorrect",
-            " Mary",
-        ],
+        &ioi_sweep("nobody/no-such-model", &[]),
         &[("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", &cache_path)],
     );
     assert_eq!(code, 1, "{stderr}");
@@ -204,24 +211,7 @@ fn cli_cuda_without_cuda_is_explained() {
     let reference = fixture_json("tiny_reference.json");
     write_tiny_model(&dir.0, &reference["models"][0]["config"]);
     let model = dir.0.to_string_lossy().into_owned();
-    let (code, _, stderr) = patchbay(
-        &[
-            "sweep",
-            "--model",
-            &model,
-            "--device",
-            "cuda",
-            "--clean",
-            CLEAN,
-            "--corrupted",
-            CORRUPTED,
-            "--correct",
-            " John",
-            "--incorrect",
-            " Mary",
-        ],
-        &[],
-    );
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--device", "cuda"]), &[]);
     assert_eq!(code, 1);
     assert!(
         stderr.contains("no CUDA support") && stderr.contains("--features cuda"),
@@ -242,31 +232,23 @@ fn cli_sweep_writes_json_csv_npy_and_refuses_multi_token_answers() {
     let png = dir.0.join("r.png");
     let svg = dir.0.join("r.svg");
     let (code, stdout, stderr) = patchbay(
-        &[
-            "sweep",
-            "--model",
+        &ioi_sweep(
             &model,
-            "--clean",
-            CLEAN,
-            "--corrupted",
-            CORRUPTED,
-            "--correct",
-            " John",
-            "--incorrect",
-            " Mary",
-            "--component",
-            "mlp_out",
-            "--out",
-            out.to_str().unwrap(),
-            "--csv",
-            csv.to_str().unwrap(),
-            "--npy",
-            npy.to_str().unwrap(),
-            "--png",
-            png.to_str().unwrap(),
-            "--svg",
-            svg.to_str().unwrap(),
-        ],
+            &[
+                "--component",
+                "mlp_out",
+                "--out",
+                out.to_str().unwrap(),
+                "--csv",
+                csv.to_str().unwrap(),
+                "--npy",
+                npy.to_str().unwrap(),
+                "--png",
+                png.to_str().unwrap(),
+                "--svg",
+                svg.to_str().unwrap(),
+            ],
+        ),
         &[],
     );
     assert_eq!(code, 0, "{stderr}");
@@ -375,16 +357,32 @@ fn cli_bench_reports_the_notebook_baseline_and_its_no_op_share() {
         "speed-up naive / fast = ",
         "speed-up with naive's no-op cells left out = ",
         "largest raw logit-difference gap between naive and fast",
+        "warm-up ",
+        "where round 1's time went",
+        "  naive baselines ",
+        "  fast  baselines ",
+        "median forward ",
+        "token-layers/s), cells ",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
     }
 
     let (code, stdout, stderr) = patchbay(
-        &["bench", "--model", &model, "--rounds", "1", "--naive-noops", "skip"],
+        &[
+            "bench",
+            "--model",
+            &model,
+            "--rounds",
+            "1",
+            "--naive-noops",
+            "skip",
+            "--no-warmup",
+        ],
         &[],
     );
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("no-op cells skipped"), "{stdout}");
+    assert!(!stdout.contains("warm-up"), "{stdout}");
     assert!(!stdout.contains("without the no-op cells' forwards"), "{stdout}");
     let (code, _, stderr) = patchbay(&["bench", "--model", &model, "--naive-noops", "maybe"], &[]);
     assert_ne!(code, 0);
@@ -415,16 +413,7 @@ fn cli_ctrl_c_mid_sweep_writes_the_cells_computed_so_far() {
             "naive",
             "--quiet",
         ])
-        .args([
-            "--clean",
-            CLEAN,
-            "--corrupted",
-            CORRUPTED,
-            "--correct",
-            " John",
-            "--incorrect",
-            " Mary",
-        ])
+        .args(IOI_ARGS)
         .args(["--out", out.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -37,7 +37,43 @@ fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
     );
     assert_eq!(result.done_cells(), streamed);
     assert_eq!(result.timing.schedule, schedule.name());
+    assert_forwards_account_for_the_cells(&result, schedule);
     result
+}
+
+/// `timing.forwards` holds every forward after the baselines, with its cells and its work: the
+/// naive schedule's full forwards, or the fast one's cones (each a patch at (L, P) running layers
+/// from its start layer on positions P..), the last layer's cells aside (computed with the
+/// baselines, except for resid_pre).
+fn assert_forwards_account_for_the_cells(result: &SweepResult, schedule: Schedule) {
+    let (layers, seq) = (result.layers(), result.positions());
+    let first_diff = result.skipped[0].iter().take_while(|&&s| s).count();
+    let forwards = &result.timing.forwards;
+    let cells: usize = forwards.iter().map(|f| f.cells).sum();
+    let token_layers: usize = forwards.iter().map(|f| f.token_layers).sum();
+    assert!(
+        forwards
+            .iter()
+            .all(|f| f.cells > 0 && f.forward_seconds >= 0.0 && f.cells_seconds >= 0.0)
+    );
+    match schedule {
+        Schedule::Naive => {
+            assert_eq!(cells, result.timing.cells_computed);
+            assert!(forwards.iter().all(|f| f.token_layers == f.cells * layers * seq));
+        }
+        Schedule::Fast => {
+            let (start, last_layer_cells) = match result.component {
+                Component::ResidPre => (0, 0),
+                _ => (1, seq - first_diff),
+            };
+            assert_eq!(cells, result.timing.cells_computed - last_layer_cells);
+            let cones: usize = (0..layers)
+                .filter(|&l| l + start < layers)
+                .flat_map(|l| (first_diff..seq).map(move |p| (layers - l - start) * (seq - p)))
+                .sum();
+            assert_eq!(token_layers, cones, "{:?}", result.component);
+        }
+    }
 }
 
 /// Every cell agrees: raw logit difference, skipped flag, and the top-k logits.

@@ -65,6 +65,22 @@ pub struct Timing {
     pub cells_computed: usize,
     /// Cells filled without running the model (exact no-ops).
     pub cells_skipped: usize,
+    /// Every forward that computed cells after the baselines, in order: where a sweep's time went.
+    #[serde(default)]
+    pub forwards: Vec<ForwardTiming>,
+}
+
+/// One forward of a sweep's cells (a packed block of cones, or the naive schedule's full forward).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForwardTiming {
+    /// Cells it computed.
+    pub cells: usize,
+    /// Its work in token-layers: for each cell, the layers it ran times the tokens it ran them on.
+    pub token_layers: usize,
+    /// Seconds in the model, up to its logits being on the host (on a GPU: the device's work).
+    pub forward_seconds: f64,
+    /// Seconds turning those logits into cells on the CPU (metric, softmax, top-k) and delivering them.
+    pub cells_seconds: f64,
 }
 
 /// The result of patching one component over every layer × position.

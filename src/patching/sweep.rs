@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Component;
 use super::metric::{logit_diff, normalized};
-use super::result::{AnswerRecord, Cell, FORMAT, ModelRecord, PromptRecord, SweepResult, Timing, TopToken};
+use super::result::{
+    AnswerRecord, Cell, FORMAT, ForwardTiming, ModelRecord, PromptRecord, SweepResult, Timing, TopToken,
+};
 use crate::error::{Error, Result};
 use crate::model::fastmath;
 use crate::model::transformer::{logits_rows, top_k};
@@ -743,13 +745,25 @@ impl<'m> Sweep<'m> {
         };
         let run = match starts {
             Ok(starts) => run_blocks(blocks, cancel, &mut |block| {
+                let forward_start = Instant::now();
                 let logits = match options.schedule {
                     Schedule::Fast => self.fast_block(block, &starts, cancel)?,
                     Schedule::Naive => self.naive_batch(block)?,
                 };
+                let cells_start = Instant::now();
                 for cell in self.block_cells(block, logits, options.top_k) {
                     self.emit(cell, on_cell);
                 }
+                let token_layers = block
+                    .iter()
+                    .map(|&(l, p)| self.token_layers(options.schedule, l, p))
+                    .sum();
+                self.result.timing.forwards.push(ForwardTiming {
+                    cells: block.len(),
+                    token_layers,
+                    forward_seconds: (cells_start - forward_start).as_secs_f64(),
+                    cells_seconds: cells_start.elapsed().as_secs_f64(),
+                });
                 Ok(())
             }),
             Err(e) => BlockRun {
@@ -857,6 +871,16 @@ impl<'m> Sweep<'m> {
         let max_rows = (FAST_MAX_BLOCK_ACTIVATION_BYTES / row_bytes.max(1)).max(seq);
         let rows = |&(_, p): &CellAt| seq - p;
         pack_blocks(&cells, &cost, &rows, max_cells, max_rows)
+    }
+
+    /// The work of the cell at (`layer`, `position`) in token-layers: every layer on every token
+    /// for the naive schedule; for the fast one, its cone's layers on the positions from `position`.
+    fn token_layers(&self, schedule: Schedule, layer: usize, position: usize) -> usize {
+        let (layers, seq) = (self.result.layers(), self.result.positions());
+        match schedule {
+            Schedule::Naive => layers * seq,
+            Schedule::Fast => (layers - self.cone_start_layer(layer)) * (seq - position),
+        }
     }
 
     /// The layer whose resid_pre a cone for a patch at `layer` starts from: the patched layer itself
