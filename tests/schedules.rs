@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 
-use common::{TempDir, fixture_json, smollm2_gguf, write_tiny_model};
+use common::{TempDir, fixture_json, smollm2, write_tiny_model};
 use patchbay::model::{DeviceChoice, Model, ModelSource};
 use patchbay::patching::Component;
 use patchbay::patching::result::SweepResult;
@@ -223,16 +222,6 @@ fn cancelling_a_fast_sweep_keeps_the_cells_it_finished() {
         "{computed} cells before stopping"
     );
     assert_eq!(result.timing.cells_computed, computed);
-}
-
-fn smollm2() -> Option<&'static Model> {
-    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = smollm2_gguf()?;
-            Some(Model::load(&ModelSource::Gguf(path), DeviceChoice::Cpu, None, &mut |_| {}).expect("SmolLM2 loads"))
-        })
-        .as_ref()
 }
 
 fn smollm2_agrees(component: Component) {

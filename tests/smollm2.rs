@@ -3,24 +3,13 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 
-use common::{fixture_json, smollm2_gguf};
-use patchbay::model::{DeviceChoice, Model, ModelSource};
+use common::{fixture_json, ids, smollm2};
+use patchbay::model::Model;
 use patchbay::patching::Component;
 use patchbay::patching::result::SweepResult;
 use patchbay::patching::sweep::{Schedule, Sweep, SweepOptions, SweepRequest};
-
-fn model() -> Option<&'static Model> {
-    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = smollm2_gguf()?;
-            Some(Model::load(&ModelSource::Gguf(path), DeviceChoice::Cpu, None, &mut |_| {}).expect("SmolLM2 loads"))
-        })
-        .as_ref()
-}
 
 fn ioi_request(component: Component) -> SweepRequest {
     let r = fixture_json("smollm2_ioi.json");
@@ -44,7 +33,7 @@ fn sweep(model: &Model, schedule: Schedule) -> SweepResult {
 
 #[test]
 fn ioi_tokenizes_like_python() {
-    let Some(model) = model() else { return };
+    let Some(model) = smollm2() else { return };
     let r = fixture_json("smollm2_ioi.json");
     let clean = model
         .tokenizer
@@ -54,13 +43,6 @@ fn ioi_tokenizes_like_python() {
         .tokenizer
         .encode_prompt(r["corrupted_prompt"].as_str().unwrap())
         .unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
     assert_eq!(clean.len(), 16, "16 tokens, no BOS");
     assert_eq!(clean, ids(&r["clean_token_ids"]));
     assert_eq!(corrupted, ids(&r["corrupted_token_ids"]));
@@ -77,7 +59,7 @@ fn ioi_tokenizes_like_python() {
 
 #[test]
 fn gguf_tokenizer_matches_python_on_tricky_strings() {
-    let Some(model) = model() else { return };
+    let Some(model) = smollm2() else { return };
     let reference = fixture_json("gguf_tokenizer_reference.json");
     let mut failures = Vec::new();
     for case in reference["cases"].as_array().unwrap() {
@@ -102,7 +84,7 @@ fn gguf_tokenizer_matches_python_on_tricky_strings() {
 
 #[test]
 fn residual_sweep_reproduces_transformers_reference() {
-    let Some(model) = model() else { return };
+    let Some(model) = smollm2() else { return };
     let r = fixture_json("smollm2_ioi.json");
     let result = sweep(model, Schedule::Fast);
     assert_eq!(result.shape, [30, 16]);

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::atomic::AtomicBool;
 
-use common::{TempDir, fixture_json, write_tiny_model};
+use common::{TempDir, fixture_json, ids, write_tiny_model};
 use patchbay::model::{DeviceChoice, Model, ModelSource};
 use patchbay::patching::Component;
 use patchbay::patching::sweep::{Schedule, Sweep, SweepOptions, SweepRequest};
@@ -45,13 +45,6 @@ fn check_model(entry: &serde_json::Value, config_key: &str, schedule: Schedule) 
 
     let model = load(&dir.0);
     let prompts = fixture_json("tiny_reference.json")["prompts"].clone();
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
     assert_eq!(
         model
             .tokenizer

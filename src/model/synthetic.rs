@@ -57,8 +57,9 @@ pub fn build(cfg: &ArchConfig, seed: u64, device: &Device, dtype: DType) -> Resu
     Ok((transformer, TextTokenizer::numbered(cfg.vocab_size)?))
 }
 
-/// HF tensor names and shapes of a checkpoint with this architecture.
-fn tensor_shapes(cfg: &ArchConfig) -> Vec<(String, Vec<usize>)> {
+/// HF tensor names and shapes of a checkpoint with this architecture (the tests write their
+/// random-weight checkpoints from it too).
+pub fn tensor_shapes(cfg: &ArchConfig) -> Vec<(String, Vec<usize>)> {
     let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (q, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![cfg.vocab_size, d])];

@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use patchbay::model::{ArchConfig, Family};
+use patchbay::model::synthetic::tensor_shapes;
+use patchbay::model::{ArchConfig, DeviceChoice, Model, ModelSource};
 
 /// The repository root (tests run with the package root as working directory).
 pub fn root() -> PathBuf {
@@ -57,39 +59,6 @@ pub fn weight_values(name: &str, shape: &[usize]) -> Vec<f32> {
             (center + scale * (2.0 * r - 1.0)) as f32
         })
         .collect()
-}
-
-/// HF tensor names and shapes of a checkpoint with this architecture.
-pub fn tensor_shapes(cfg: &ArchConfig) -> Vec<(String, Vec<usize>)> {
-    let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![cfg.vocab_size, d])];
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
-        if cfg.family == Family::Qwen2 {
-            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
-            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
-            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
-        }
-        if cfg.family == Family::Qwen3 {
-            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
-            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
-        }
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, d]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, d]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, i]));
-    }
-    out.push(("model.norm.weight".to_owned(), vec![d]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_owned(), vec![cfg.vocab_size, d]));
-    }
-    out
 }
 
 /// Writes config.json, model.safetensors and tokenizer.json for a random-weight model into `dir`.
@@ -150,4 +119,24 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         return None;
     }
     panic!("the SmolLM2 test model is missing: run scripts/fetch-test-model.sh (or set PATCHBAY_SKIP_MODEL_TESTS=1)");
+}
+
+/// SmolLM2 loaded once per test binary, on the CPU in f32 (see [`smollm2_gguf`]).
+pub fn smollm2() -> Option<&'static Model> {
+    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = smollm2_gguf()?;
+            Some(Model::load(&ModelSource::Gguf(path), DeviceChoice::Cpu, None, &mut |_| {}).expect("SmolLM2 loads"))
+        })
+        .as_ref()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of token ids")
+        .iter()
+        .map(|x| x.as_u64().expect("a token id") as u32)
+        .collect()
 }
