@@ -66,9 +66,26 @@ else
   # libcuda.so.1 is already on the loader's path.
   site="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null || echo /opt/torch/.venv/lib/python3.12/site-packages/nvidia)"
   LD_LIBRARY_PATH="$(find "$site" -maxdepth 3 -type d -name lib | grep -v /stubs | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+  # Where driver libraries live on NVIDIA's images, after PyTorch's, in case the loader's cache
+  # does not name them.
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64; do
+    [ -d "$d" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+  done
   export LD_LIBRARY_PATH
   dtypes=(f32 bf16)
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  # Fail at once, saying where the libraries are, rather than once per sweep.
+  missing="$(ldd "$bin" | grep 'not found')"
+  if [ -n "$missing" ]; then
+    echo "FAIL: the CUDA binary cannot find its libraries:"
+    echo "$missing"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    echo "candidates on this machine:"
+    find /usr /opt /lib /lib64 \( -name 'libcuda.so*' -o -name 'libcublas.so*' -o -name 'libcudart.so*' -o -name 'libcurand.so*' \) \
+      2>/dev/null | head -20
+    status=1
+    finish
+  fi
 fi
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $device"
 "$bin" --version
