@@ -72,15 +72,50 @@ fn is_out_of_memory(e: &candle_core::Error) -> bool {
 }
 
 fn candle_message(e: &candle_core::Error) -> String {
+    let text = candle_text(e);
     if is_out_of_memory(e) {
         format!(
-            "the GPU ran out of memory ({e}). Free GPU memory (other programs, a model loaded \
+            "the GPU ran out of memory ({text}). Free GPU memory (other programs, a model loaded \
              elsewhere), use a shorter prompt or bf16/f16, or run on the CPU"
         )
     } else {
-        format!("tensor operation failed: {e}")
+        format!("tensor operation failed: {text}")
+    }
+}
+
+/// A candle error's message on one line, without the backtrace candle appends to it when
+/// `RUST_BACKTRACE` is set: messages for the UI and CLI say what failed, not where in candle.
+pub fn candle_text(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_text(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_text(inner)),
+        E::WithPath { inner, path } => format!("{} ({})", candle_text(inner), path.display()),
+        other => other.to_string(),
     }
 }
 
 /// Result with the engine's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_messages_leave_out_backtraces() {
+        let traced = |inner: candle_core::Error| candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = traced(candle_core::Error::Msg("unknown magic 0x1234".into()));
+        assert!(e.to_string().lines().count() > 1, "candle prints the backtrace");
+        assert_eq!(candle_text(&e), "unknown magic 0x1234");
+        let e = traced(candle_core::Error::Msg("shape mismatch".into())).context("in layer 3");
+        assert_eq!(candle_text(&e), "in layer 3: shape mismatch");
+        assert_eq!(
+            Error::Candle(e).to_string(),
+            "tensor operation failed: in layer 3: shape mismatch"
+        );
+    }
+}

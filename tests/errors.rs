@@ -185,6 +185,23 @@ fn patchbay(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// candle appends a backtrace to its errors when `RUST_BACKTRACE` is set, as it often is on a
+/// developer's machine; the message a user reads stays one line.
+#[test]
+fn cli_errors_stay_one_line_with_rust_backtrace_set() {
+    let dir = TempDir::new("cli-backtrace");
+    let fake = dir.0.join("fake.gguf");
+    std::fs::write(&fake, b"this is not a gguf file at all").unwrap();
+    let (code, _, stderr) = patchbay(&["info", "--model", fake.to_str().unwrap()], &[("RUST_BACKTRACE", "1")]);
+    assert_eq!(code, 1, "{stderr}");
+    let error: Vec<&str> = stderr.lines().filter(|l| !l.ends_with("...")).collect();
+    assert_eq!(error.len(), 1, "{stderr}");
+    assert!(
+        error[0].starts_with("error: not a readable GGUF file (unknown magic") && error[0].ends_with("fake.gguf"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn cli_unknown_repo_offline_says_so_without_panicking() {
     let cache = TempDir::new("empty-hf-cache");

@@ -35,7 +35,7 @@ pub use hub::DownloadProgress;
 pub use tokenizer::TextTokenizer;
 pub use transformer::{Cone, Forward, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, candle_text};
 
 /// The model Patchbay opens when the user has not chosen one.
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen3-0.6B";
@@ -143,8 +143,12 @@ impl DeviceChoice {
                             .into(),
                     ));
                 }
-                Device::new_cuda(ordinal)
-                    .map_err(|e| Error::Device(format!("cannot open CUDA device {ordinal} ({e}); use --device cpu")))
+                Device::new_cuda(ordinal).map_err(|e| {
+                    Error::Device(format!(
+                        "cannot open CUDA device {ordinal} ({}); use --device cpu",
+                        candle_text(&e)
+                    ))
+                })
             }
         }
     }
@@ -283,7 +287,10 @@ fn load_folder(dir: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnM
 fn in_file(err: Error, path: &Path) -> Error {
     match err {
         Error::Input(msg) => Error::model_file(msg, path),
-        Error::Candle(e) => Error::model_file(format!("weights do not match the architecture ({e})"), path),
+        Error::Candle(e) => Error::model_file(
+            format!("weights do not match the architecture ({})", candle_text(&e)),
+            path,
+        ),
         other => other,
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ArchConfig, Family};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, candle_text};
 
 /// The safetensors files of a checkpoint folder: the shards listed in
 /// `model.safetensors.index.json`, else every `*.safetensors` file in the folder.
@@ -55,7 +55,10 @@ pub fn safetensors_var_builder(files: &[PathBuf], dtype: DType, device: &Device)
         // SAFETY: the file is only read; mutation by another process while mapped is the usual mmap caveat.
         unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
             Error::model_file(
-                format!("cannot read safetensors weights (truncated or corrupt file? {e})"),
+                format!(
+                    "cannot read safetensors weights (truncated or corrupt file? {})",
+                    candle_text(&e)
+                ),
                 f,
             )
         })?;
@@ -77,7 +80,7 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io("opening the GGUF file", e, path))?;
         let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| Error::model_file(format!("not a readable GGUF file ({e})"), path))?;
+            .map_err(|e| Error::model_file(format!("not a readable GGUF file ({})", candle_text(&e)), path))?;
         Ok(Self {
             path: path.to_owned(),
             content,
@@ -100,7 +103,10 @@ impl GgufFile {
                 continue; // e.g. rope_freqs: derived from metadata instead
             };
             let q = self.content.tensor(&mut self.file, &name, &Device::Cpu).map_err(|e| {
-                Error::model_file(format!("cannot read tensor '{name}' (truncated file? {e})"), &self.path)
+                Error::model_file(
+                    format!("cannot read tensor '{name}' (truncated file? {})", candle_text(&e)),
+                    &self.path,
+                )
             })?;
             let mut t = q.dequantize(&Device::Cpu)?;
             // llama.cpp stores Llama's Q/K rows permuted for its interleaved rotation; undo it so the
