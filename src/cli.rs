@@ -346,9 +346,14 @@ fn sweep(args: SweepArgs) -> Result<()> {
         t.schedule,
         t.load_seconds.unwrap_or_default()
     );
-    data::save(&result, args.out.as_deref(), args.csv.as_deref(), args.npy.as_deref())?;
-    for p in [&args.png, &args.svg].into_iter().flatten() {
-        figure::save(&result, p, None)?;
+    let saved = data::save(&result, args.out.as_deref(), args.csv.as_deref(), args.npy.as_deref()).and_then(|()| {
+        [&args.png, &args.svg]
+            .into_iter()
+            .flatten()
+            .try_for_each(|p| figure::save(&result, p, None))
+    });
+    if let Err(e) = saved {
+        return Err(rescue(&result, e));
     }
     let written: Vec<String> = [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
         .into_iter()
@@ -432,6 +437,23 @@ fn errno_location() -> *mut libc::c_int {
     std::ptr::null_mut()
 }
 
+/// An output the user asked for could not be written after the sweep (the disk filled up, the
+/// folder went away): the results go to a JSON file in the temporary folder instead, so the
+/// computed cells are not lost, and the error says where.
+fn rescue(result: &SweepResult, err: Error) -> Error {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = std::env::temp_dir().join(format!("patchbay-sweep-{stamp}-{}.json", std::process::id()));
+    match data::to_json(result).and_then(|json| data::write_atomic(&path, json.as_bytes())) {
+        Ok(()) => Error::Stopped(format!(
+            "{err}. The results are saved in {} instead (the JSON that --out writes)",
+            path.display()
+        )),
+        Err(_) => err,
+    }
+}
+
 /// Fails early, before minutes of work, when an output file cannot be created.
 fn check_writable(path: &std::path::Path) -> Result<()> {
     let dir = path
@@ -442,6 +464,12 @@ fn check_writable(path: &std::path::Path) -> Result<()> {
         return Err(Error::Io {
             message: "cannot write results: the folder does not exist".into(),
             path: dir.to_owned(),
+        });
+    }
+    if path.is_dir() {
+        return Err(Error::Io {
+            message: "cannot write results: this is a folder; give a file name in it".into(),
+            path: path.to_owned(),
         });
     }
     Ok(())

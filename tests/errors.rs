@@ -202,6 +202,37 @@ fn cli_errors_stay_one_line_with_rust_backtrace_set() {
     );
 }
 
+/// An output that cannot be written is refused before the sweep when that can be known (a
+/// missing folder, a folder given as the file); when the write itself fails after the sweep, the
+/// results are saved to the temporary folder instead and the error says where.
+#[test]
+fn cli_unwritable_outputs_lose_no_results() {
+    let dir = TempDir::new("cli-unwritable");
+    let reference = fixture_json("tiny_reference.json");
+    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
+    let model = dir.0.to_string_lossy().into_owned();
+    let folder = dir.0.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", &folder]), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("this is a folder"), "{stderr}");
+    assert!(!stdout.contains("timing"), "refused before the sweep: {stdout}");
+
+    // A file name longer than the file system allows: the folder exists, the write fails.
+    let too_long = dir.0.join(format!("{}.json", "x".repeat(300)));
+    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", too_long.to_str().unwrap()]), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.contains("timing"), "the sweep ran: {stdout}");
+    let saved = stderr
+        .split("The results are saved in ")
+        .nth(1)
+        .and_then(|rest| rest.split(" instead").next())
+        .unwrap_or_else(|| panic!("no rescue file named in: {stderr}"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(saved).unwrap()).unwrap();
+    std::fs::remove_file(saved).unwrap();
+    assert_eq!(json["complete"], true);
+    assert_eq!(json["shape"], serde_json::json!([3, 16]));
+}
+
 #[test]
 fn cli_unknown_repo_offline_says_so_without_panicking() {
     let cache = TempDir::new("empty-hf-cache");
