@@ -161,6 +161,20 @@ fn missing_and_corrupt_model_files_are_reported_with_their_path() {
         "{msg}"
     );
 
+    // No architecture named at all.
+    std::fs::write(model_dir.join("config.json"), "{}").unwrap();
+    let msg = load_error(ModelSource::Folder(model_dir.clone()));
+    assert!(msg.contains("config.json names no architecture"), "{msg}");
+
+    // A folder that is no model folder.
+    let empty = dir.0.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let msg = load_error(ModelSource::Folder(empty));
+    assert!(
+        msg.contains("not a model folder: it has no config.json") && msg.ends_with("empty"),
+        "{msg}"
+    );
+
     // Not a GGUF file.
     let fake = dir.0.join("fake.gguf");
     std::fs::write(&fake, b"this is not a gguf file at all").unwrap();

@@ -97,7 +97,14 @@ impl ArchConfig {
 
     /// Reads an HF `config.json`.
     pub fn from_hf_config_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading config.json", e, path))?;
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::model_file(
+                "not a model folder: it has no config.json (a Hugging Face model folder, as \
+                 save_pretrained writes it, holds config.json, the .safetensors weights and tokenizer.json)",
+                path.parent().unwrap_or(path),
+            ),
+            _ => Error::io("reading config.json", e, path),
+        })?;
         let raw: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(format!("config.json is not valid JSON ({e})"), path))?;
         Self::from_hf_config(&raw).map_err(|e| match e {
@@ -118,8 +125,13 @@ impl ArchConfig {
             Some(c) => Family::from_hf_class(c),
             None => Family::from_model_type(model_type),
         }
-        .ok_or_else(|| Error::UnsupportedArchitecture {
-            found: class.clone().unwrap_or_else(|| model_type.to_owned()),
+        .ok_or_else(|| match (&class, model_type) {
+            (None, "") => {
+                Error::Input("config.json names no architecture (neither \"architectures\" nor \"model_type\")".into())
+            }
+            _ => Error::UnsupportedArchitecture {
+                found: class.clone().unwrap_or_else(|| model_type.to_owned()),
+            },
         })?;
 
         let usize_field = |key: &str| -> Result<usize> {
