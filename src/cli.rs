@@ -13,7 +13,8 @@ use crate::model::{DEFAULT_MODEL, DeviceChoice, LoadProgress, Model, ModelSource
 use crate::patching::Component;
 use crate::patching::result::{ForwardTiming, SweepResult, Timing};
 use crate::patching::sweep::{
-    DEFAULT_BATCH_CELLS, DEFAULT_TOP_K, Schedule, Sweep, SweepOptions, SweepRequest, TokenSweepRequest,
+    DEFAULT_BATCH_CELLS, DEFAULT_TOP_K, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest,
+    TokenSweepRequest,
 };
 
 /// Activation patching on language models.
@@ -322,14 +323,18 @@ fn sweep(args: SweepArgs) -> Result<()> {
     }
     let total = r.layers() * r.positions();
     let mut done = 0usize;
+    let mut progress = prepared.progress(&options);
     let started = Instant::now();
     let mut last_draw = Instant::now();
     let quiet = args.quiet;
-    let result = prepared.run(&options, &INTERRUPTED, &mut |_cell| {
-        done += 1;
+    let result = prepared.run_observed(&options, &INTERRUPTED, &mut |event| {
+        match event {
+            SweepEvent::Cell(_) => done += 1,
+            SweepEvent::Work(work) => progress.work_done(work, started.elapsed().as_secs_f64()),
+        }
         if !quiet && (last_draw.elapsed().as_millis() >= 100 || done == total) {
             last_draw = Instant::now();
-            draw_progress(done, total, started.elapsed().as_secs_f64());
+            draw_progress(done, total, &progress, started.elapsed().as_secs_f64());
         }
     })?;
     if !quiet {
@@ -475,16 +480,20 @@ fn check_writable(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn draw_progress(done: usize, total: usize, seconds: f64) {
+/// The progress line: a bar and an ETA that follow the work done (see [`Progress`]), and the cells.
+fn draw_progress(done: usize, total: usize, progress: &Progress, seconds: f64) {
     const WIDTH: usize = 30;
-    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
-    let eta = if done > 0 {
-        seconds / done as f64 * (total - done) as f64
+    let filled = if done == total {
+        WIDTH
     } else {
-        0.0
+        ((progress.fraction() * WIDTH as f64) as usize).min(WIDTH)
+    };
+    let eta = match progress.eta(seconds) {
+        Some(eta) if done < total => format!("  eta {eta:.1} s"),
+        _ => String::new(),
     };
     eprint!(
-        "\r[{}{}] {done}/{total} cells  {seconds:.1} s  eta {eta:.1} s ",
+        "\r[{}{}] {done}/{total} cells  {seconds:.1} s{eta}   ",
         "#".repeat(filled),
         " ".repeat(WIDTH - filled)
     );

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use crate::model::{ArchConfig, DeviceChoice, LoadProgress, Model, ModelSource, TextTokenizer};
 use crate::patching::result::{Cell, SweepResult};
-use crate::patching::sweep::{Sweep, SweepOptions, SweepRequest};
+use crate::patching::sweep::{Progress, Sweep, SweepEvent, SweepOptions, SweepRequest};
 
 /// Commands waiting for the worker; a few are plenty (the UI disables buttons while busy).
 const COMMAND_CAPACITY: usize = 16;
@@ -59,10 +59,13 @@ pub enum Event {
     ModelLoaded(ModelInfo),
     /// Loading failed; the previous model (if any) is still loaded.
     ModelFailed(String),
-    /// Baselines are done; cells follow. Carries the empty grid with tokens, answers and top-k.
-    SweepStarted(Box<SweepResult>),
+    /// Baselines are done; cells follow. Carries the empty grid with tokens, answers and top-k,
+    /// and the sweep's [`Progress`] to feed the cells as they come.
+    SweepStarted(Box<SweepResult>, Progress),
     /// One cell finished.
     Cell(Cell),
+    /// More of the sweep's work is done (for its [`Progress`]; comes layer by layer in a block).
+    Work(f64),
     /// The sweep ended (complete, or partial after a cancel).
     SweepFinished(Box<SweepResult>),
     /// The sweep was refused or failed; the message says why.
@@ -227,14 +230,19 @@ impl WorkerState {
                     Ok(s) => s,
                     Err(e) => return self.emit(Event::SweepFailed(e.to_string())),
                 };
-                if !self.emit(Event::SweepStarted(Box::new(sweep.result().clone()))) {
+                let started = Event::SweepStarted(Box::new(sweep.result().clone()), sweep.progress(&options));
+                if !self.emit(started) {
                     return false;
                 }
                 let events = &self.events;
                 let wake = &self.wake;
                 let cancel = self.cancel.clone();
-                let outcome = sweep.run(&options, &cancel, &mut |cell| {
-                    if events.send(Event::Cell(cell.clone())).is_err() {
+                let outcome = sweep.run_observed(&options, &cancel, &mut |event| {
+                    let event = match event {
+                        SweepEvent::Cell(cell) => Event::Cell(cell.clone()),
+                        SweepEvent::Work(work) => Event::Work(work),
+                    };
+                    if events.send(event).is_err() {
                         cancel.store(true, Ordering::SeqCst); // the UI is gone
                     }
                     wake();

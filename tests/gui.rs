@@ -181,6 +181,9 @@ fn smollm2_mid_sweep() -> Option<Harness<'static, PatchbayApp>> {
 #[test]
 fn cancel_mid_sweep_keeps_finished_cells() {
     let Some(mut h) = smollm2_mid_sweep() else { return };
+    // The status bar: the elapsed time and an ETA from the work reported so far.
+    h.run_steps(2);
+    assert!(h.query_by_label_contains("· eta ").is_some(), "no ETA while running");
     h.get_by_label("Cancel").click();
     wait_until(&mut h, "the cancel", |a| {
         a.result().is_some_and(|r| !r.complete) && !a.is_busy()

@@ -9,7 +9,7 @@ use common::{TempDir, fixture_json, smollm2, write_tiny_model};
 use patchbay::model::{DeviceChoice, Model, ModelSource};
 use patchbay::patching::Component;
 use patchbay::patching::result::SweepResult;
-use patchbay::patching::sweep::{Schedule, Sweep, SweepOptions, SweepRequest, TokenSweepRequest};
+use patchbay::patching::sweep::{Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, TokenSweepRequest};
 
 /// The bar: both schedules agree within this in raw logit difference on every cell.
 const SCHEDULE_TOLERANCE: f64 = 1e-4;
@@ -25,9 +25,30 @@ fn options(schedule: Schedule) -> SweepOptions {
 
 fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
     let mut streamed = 0;
+    let options = options(schedule);
+    let progress = prepared.progress(&options);
+    let (mut work, mut work_reports) = (0.0, 0);
     let result = prepared
-        .run(&options(schedule), &AtomicBool::new(false), &mut |_| streamed += 1)
+        .run_observed(&options, &AtomicBool::new(false), &mut |event| match event {
+            SweepEvent::Cell(_) => streamed += 1,
+            SweepEvent::Work(w) => {
+                assert!(w >= 0.0);
+                work += w;
+                work_reports += 1;
+            }
+        })
         .unwrap();
+    // The work reported adds up to the progress's total: the bar ends full, never past it.
+    assert_eq!(work, progress.total(), "{schedule:?}");
+    if schedule == Schedule::Fast {
+        // Layer by layer within each block, then its cells' unembeddings.
+        let forwards = &result.timing.forwards;
+        assert!(
+            work_reports >= 2 * forwards.len(),
+            "{work_reports} reports, {} forwards",
+            forwards.len()
+        );
+    }
     assert!(result.complete);
     assert_eq!(
         streamed,

@@ -17,7 +17,7 @@ use crate::export;
 use crate::model::{DEFAULT_MODEL, DeviceChoice, DownloadProgress, LoadProgress, ModelSource, TextTokenizer};
 use crate::patching::Component;
 use crate::patching::result::{SweepResult, TopToken};
-use crate::patching::sweep::{SweepOptions, SweepRequest};
+use crate::patching::sweep::{Progress, SweepOptions, SweepRequest};
 use crate::worker::{Command, Event, ModelInfo, Worker, demo_model_path};
 use heatmap::Heatmap;
 use presets::{Preset, presets};
@@ -151,6 +151,8 @@ struct Loading {
 
 struct SweepView {
     result: SweepResult,
+    /// The cells' share of the work, for the progress bar and the ETA.
+    progress: Progress,
     started: Instant,
     elapsed: Option<f64>,
 }
@@ -399,9 +401,10 @@ impl PatchbayApp {
                     self.loading = None;
                     self.model_error = Some(msg);
                 }
-                Event::SweepStarted(result) => {
+                Event::SweepStarted(result, progress) => {
                     self.sweep = Some(SweepView {
                         result: *result,
+                        progress,
                         started: Instant::now(),
                         elapsed: None,
                     });
@@ -413,6 +416,11 @@ impl PatchbayApp {
                     if let Some(s) = &mut self.sweep {
                         s.result.insert(cell);
                         self.heatmap.mark_dirty();
+                    }
+                }
+                Event::Work(work) => {
+                    if let Some(s) = &mut self.sweep {
+                        s.progress.work_done(work, s.started.elapsed().as_secs_f64());
                     }
                 }
                 Event::SweepFinished(result) => {
@@ -883,8 +891,14 @@ impl PatchbayApp {
             let total = r.layers() * r.positions();
             let done = r.done_cells();
             let secs = view.elapsed.unwrap_or_else(|| view.started.elapsed().as_secs_f64());
+            // The bar and the ETA follow the work, not the cell count (see `Progress`).
+            let fraction = if view.elapsed.is_some() {
+                done as f32 / total.max(1) as f32
+            } else {
+                view.progress.fraction() as f32
+            };
             ui.add(
-                egui::ProgressBar::new(done as f32 / total.max(1) as f32)
+                egui::ProgressBar::new(fraction)
                     .desired_width(220.0)
                     .text(format!("{done}/{total} cells")),
             );
@@ -895,18 +909,10 @@ impl PatchbayApp {
                 ),
                 Some(_) if r.error.is_some() => format!("stopped by an error after {secs:.1} s"),
                 Some(_) => format!("cancelled after {secs:.1} s"),
-                None => {
-                    let computed = done.saturating_sub(r.skipped.iter().flatten().filter(|s| **s).count());
-                    let remaining = total - done;
-                    if computed > 0 {
-                        format!(
-                            "running {secs:.1} s · eta {:.1} s",
-                            secs / computed as f64 * remaining as f64
-                        )
-                    } else {
-                        format!("running {secs:.1} s")
-                    }
-                }
+                None => match view.progress.eta(secs) {
+                    Some(eta) => format!("running {secs:.1} s · eta {eta:.1} s"),
+                    None => format!("running {secs:.1} s"),
+                },
             };
             ui.label(state);
             ui.separator();

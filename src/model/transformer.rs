@@ -620,8 +620,15 @@ impl Transformer {
     /// cone's last token: the other tokens are needed there only as keys and values.
     ///
     /// `cancel` is looked at before each layer: when it is set the forward stops with
-    /// [`Error::Cancelled`], so a large block does not hold up a cancel.
-    pub fn forward_cones(&self, cones: &[Cone], prefix: &[LayerKv], cancel: &AtomicBool) -> Result<Tensor> {
+    /// [`Error::Cancelled`], so a large block does not hold up a cancel. `on_layer` is told after
+    /// each layer how many packed token rows it ran, so a large block shows its progress.
+    pub fn forward_cones(
+        &self,
+        cones: &[Cone],
+        prefix: &[LayerKv],
+        cancel: &AtomicBool,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
         let n_layers = self.layers.len();
         let d = self.cfg.hidden_size;
         for (i, c) in cones.iter().enumerate() {
@@ -678,6 +685,7 @@ impl Transformer {
             };
             let layer = self.packed_layer(l, &packed, &segments, Prefix::Cached(layer_prefix), l + 1 == n_layers)?;
             x = Some(layer.resid_post);
+            on_layer(rows);
         }
         // After the last layer `x` holds one row per segment (its last token); cones that start
         // after the last layer contribute their input's last token unchanged.

@@ -385,6 +385,80 @@ fn pack_blocks(
     blocks
 }
 
+/// What [`Sweep::run_observed`] reports as a sweep goes.
+#[derive(Debug)]
+pub enum SweepEvent<'a> {
+    /// A cell is done.
+    Cell(&'a Cell),
+    /// More work is done, in the units of [`Sweep::progress`] (token-layers).
+    Work(f64),
+}
+
+/// How far a running sweep has got by the work done rather than the cells, and when it should end:
+/// the fast schedule sends the no-op cells and the late layers' short cones first and then runs
+/// the early layers' long ones in a few large blocks, so counting cells promises an end far too
+/// early, and the cells of a large block arrive together at its end. Made by [`Sweep::progress`]
+/// and fed [`SweepEvent::Work`], which comes layer by layer within a block.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    total: f64,
+    done: f64,
+    /// (seconds since the start, work done by then) over the last [`PROGRESS_RATE_WINDOW`] seconds
+    /// and one sample before them: the ETA's rate is the recent one, as blocks differ in
+    /// efficiency.
+    samples: VecDeque<(f64, f64)>,
+}
+
+/// Seconds of recent progress the ETA's rate is measured over.
+pub const PROGRESS_RATE_WINDOW: f64 = 5.0;
+
+impl Progress {
+    /// Progress towards `total` work (any unit), none done yet, at 0 seconds.
+    pub fn new(total: f64) -> Self {
+        Self {
+            total,
+            done: 0.0,
+            samples: VecDeque::from([(0.0, 0.0)]),
+        }
+    }
+
+    /// Counts `work` more done, `elapsed` seconds after the start.
+    pub fn work_done(&mut self, work: f64, elapsed: f64) {
+        self.done += work;
+        self.samples.push_back((elapsed, self.done));
+        while self.samples.len() > 2 && self.samples[1].0 <= elapsed - PROGRESS_RATE_WINDOW {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The work there is to do.
+    pub fn total(&self) -> f64 {
+        self.total
+    }
+
+    /// The work done so far.
+    pub fn done(&self) -> f64 {
+        self.done
+    }
+
+    /// The share of the work done, 0 to 1 (1 when there is nothing to compute).
+    pub fn fraction(&self) -> f64 {
+        if self.total > 0.0 {
+            (self.done / self.total).min(1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// Seconds left at `elapsed` seconds after the start, at the rate of the last few seconds up
+    /// to now (so a stall lengthens it); `None` before any work is done.
+    pub fn eta(&self, elapsed: f64) -> Option<f64> {
+        let &(since, done_then) = self.samples.front()?;
+        let rate = (self.done - done_then) / (elapsed - since);
+        (rate > 0.0 && rate.is_finite()).then(|| (self.total - self.done).max(0.0) / rate)
+    }
+}
+
 /// Σ exp(l − max) over `logits` (all ≤ `max`), the softmax denominator of every cell's top-k.
 ///
 /// libm's `expf` one value at a time cost ~0.37 ms per cell on SmolLM2's 49k vocabulary; the
@@ -669,10 +743,25 @@ impl<'m> Sweep<'m> {
     /// them with `complete == false` and the error in `error`. When the GPU runs out of memory the
     /// block in flight is first split and retried (see [`run_blocks`]).
     pub fn run(
-        mut self,
+        self,
         options: &SweepOptions,
         cancel: &AtomicBool,
         on_cell: &mut dyn FnMut(&Cell),
+    ) -> Result<SweepResult> {
+        self.run_observed(options, cancel, &mut |event| {
+            if let SweepEvent::Cell(cell) = event {
+                on_cell(cell);
+            }
+        })
+    }
+
+    /// [`Sweep::run`], reporting the work done as it goes too ([`SweepEvent::Work`]: within a
+    /// block of the fast schedule, after each layer), for a [`Progress`] from [`Sweep::progress`].
+    pub fn run_observed(
+        mut self,
+        options: &SweepOptions,
+        cancel: &AtomicBool,
+        observe: &mut dyn FnMut(SweepEvent<'_>),
     ) -> Result<SweepResult> {
         let start = Instant::now();
         let (layers, seq) = (self.result.layers(), self.result.positions());
@@ -695,7 +784,7 @@ impl<'m> Sweep<'m> {
                     top_k: corrupted_top.clone(),
                     answer_logits: self.result.corrupted_answer_logits,
                 };
-                self.emit(cell, on_cell);
+                self.emit(cell, observe);
             }
         }
 
@@ -725,10 +814,10 @@ impl<'m> Sweep<'m> {
                             position,
                             ..earlier.clone()
                         },
-                        on_cell,
+                        observe,
                     );
                 }
-                self.emit(at_last, on_cell);
+                self.emit(at_last, observe);
             }
         }
         let blocks: Vec<Vec<(usize, usize)>> = match options.schedule {
@@ -747,17 +836,28 @@ impl<'m> Sweep<'m> {
             Ok(starts) => run_blocks(blocks, cancel, &mut |block| {
                 let forward_start = Instant::now();
                 let logits = match options.schedule {
-                    Schedule::Fast => self.fast_block(block, &starts, cancel)?,
+                    Schedule::Fast => self.fast_block(block, &starts, cancel, &mut |rows| {
+                        observe(SweepEvent::Work(rows as f64));
+                    })?,
                     Schedule::Naive => self.naive_batch(block)?,
                 };
                 let cells_start = Instant::now();
                 for cell in self.block_cells(block, logits, options.top_k) {
-                    self.emit(cell, on_cell);
+                    self.emit(cell, observe);
                 }
                 let token_layers = block
                     .iter()
                     .map(|&(l, p)| self.token_layers(options.schedule, l, p))
                     .sum();
+                // The rest of the cells' predicted cost: their unembeddings, and for the naive
+                // schedule (which reports no layers) the whole forward.
+                let cost: usize = block.iter().map(|&(l, p)| self.cell_cost(options.schedule, l, p)).sum();
+                let reported = if options.schedule == Schedule::Fast {
+                    token_layers
+                } else {
+                    0
+                };
+                observe(SweepEvent::Work(cost.saturating_sub(reported) as f64));
                 self.result.timing.forwards.push(ForwardTiming {
                     cells: block.len(),
                     token_layers,
@@ -787,8 +887,8 @@ impl<'m> Sweep<'m> {
     }
 
     /// Reports a finished cell and files it in the result.
-    fn emit(&mut self, cell: Cell, on_cell: &mut dyn FnMut(&Cell)) {
-        on_cell(&cell);
+    fn emit(&mut self, cell: Cell, observe: &mut dyn FnMut(SweepEvent<'_>)) {
+        observe(SweepEvent::Cell(&cell));
         if cell.skipped {
             self.result.timing.cells_skipped += 1;
         } else {
@@ -847,11 +947,7 @@ impl<'m> Sweep<'m> {
         let cfg = &self.model.config;
         let seq = self.result.positions();
         cells.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
-        // Cost in token-layers: the cone's layers × tokens, plus the unembedding of one row.
-        let layer_params = cfg.hidden_size
-            * (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim + 3 * cfg.intermediate_size);
-        let head_cost = (cfg.vocab_size * cfg.hidden_size).div_ceil(layer_params.max(1));
-        let cost = |&(l, p): &(usize, usize)| (cfg.num_layers - self.cone_start_layer(l)) * (seq - p) + head_cost;
+        let cost = |&(l, p): &(usize, usize)| self.cell_cost(Schedule::Fast, l, p);
         let max_cells = (FAST_MAX_BLOCK_LOGIT_BYTES / (4 * cfg.vocab_size.max(1))).max(1);
         // A packed token row's activations in one layer: the residual stream and its copies (norm,
         // attention output, resid_mid, MLP output), queries, keys and values, and the MLP's gate,
@@ -871,6 +967,33 @@ impl<'m> Sweep<'m> {
         let max_rows = (FAST_MAX_BLOCK_ACTIVATION_BYTES / row_bytes.max(1)).max(seq);
         let rows = |&(_, p): &CellAt| seq - p;
         pack_blocks(&cells, &cost, &rows, max_cells, max_rows)
+    }
+
+    /// The predicted cost of computing the cell at (`layer`, `position`), in token-layers: its
+    /// [`Sweep::token_layers`] plus the unembedding of its last row, counted as the token-layers
+    /// with as many weights.
+    fn cell_cost(&self, schedule: Schedule, layer: usize, position: usize) -> usize {
+        let cfg = &self.model.config;
+        let layer_params = cfg.hidden_size
+            * (2 * cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim + 3 * cfg.intermediate_size);
+        let head_cost = (cfg.vocab_size * cfg.hidden_size).div_ceil(layer_params.max(1));
+        self.token_layers(schedule, layer, position) + head_cost
+    }
+
+    /// A [`Progress`] for running this sweep with `options`: the predicted cost of every cell it
+    /// computes (not the skipped no-ops, nor the last layer's cells that come with the baselines),
+    /// which [`Sweep::run_observed`] reports as it is done.
+    pub fn progress(&self, options: &SweepOptions) -> Progress {
+        let (layers, seq) = (self.result.layers(), self.result.positions());
+        let skip_noops = options.schedule == Schedule::Fast || options.skip_noops;
+        let first_run = if skip_noops { self.first_diff.min(seq) } else { 0 };
+        let with_baselines = options.schedule == Schedule::Fast && self.last_layer_logits.is_some();
+        let computed_layers = if with_baselines { layers - 1 } else { layers };
+        let total: usize = (0..computed_layers)
+            .flat_map(|l| (first_run..seq).map(move |p| (l, p)))
+            .map(|(l, p)| self.cell_cost(options.schedule, l, p))
+            .sum();
+        Progress::new(total as f64)
     }
 
     /// The work of the cell at (`layer`, `position`) in token-layers: every layer on every token
@@ -913,7 +1036,13 @@ impl<'m> Sweep<'m> {
     }
 
     /// The fast schedule: one packed forward of the causal cones of `block`'s cells.
-    fn fast_block(&self, block: &[(usize, usize)], starts: &[Tensor], cancel: &AtomicBool) -> Result<Vec<Vec<f32>>> {
+    fn fast_block(
+        &self,
+        block: &[(usize, usize)],
+        starts: &[Tensor],
+        cancel: &AtomicBool,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
         let seq = self.result.positions();
         let cones = block
             .iter()
@@ -936,7 +1065,7 @@ impl<'m> Sweep<'m> {
         let logits = self
             .model
             .transformer
-            .forward_cones(&cones, &self.corrupted_kv, cancel)?;
+            .forward_cones(&cones, &self.corrupted_kv, cancel, on_layer)?;
         logits_rows(&logits)
     }
 
@@ -1062,6 +1191,33 @@ mod tests {
             Ok(())
         });
         assert!(run.cancelled && run.error.is_none() && delivered == [(0, 0)]);
+    }
+
+    #[test]
+    fn progress_follows_the_work_and_its_recent_rate() {
+        let mut p = Progress::new(100.0);
+        assert_eq!((p.fraction(), p.eta(1.0)), (0.0, None));
+        // 10 units a second for 3 s: 70 left, 7 s at that rate.
+        for t in 1..=3 {
+            p.work_done(10.0, t as f64);
+        }
+        assert!((p.fraction() - 0.3).abs() < 1e-12);
+        assert!((p.eta(3.0).unwrap() - 7.0).abs() < 1e-9);
+        // Then 40 units a second: after more than the window, only the recent rate counts.
+        for t in 4..=9 {
+            p.work_done(if t < 5 { 40.0 } else { 0.0 }, t as f64);
+        }
+        assert_eq!(p.done(), 70.0);
+        // Nothing in the last five seconds (t = 5..9): no rate to go by.
+        assert_eq!(p.eta(10.0), None);
+        p.work_done(20.0, 10.0);
+        // 20 units in the last 5 s (the sample at t = 5 is the window's start): 4/s, 10 left.
+        assert!((p.eta(10.0).unwrap() - 2.5).abs() < 1e-9, "{:?}", p.eta(10.0));
+        // A stall lengthens it: the same work over a longer time.
+        assert!(p.eta(12.0).unwrap() > 2.5);
+        p.work_done(15.0, 12.0);
+        assert_eq!((p.fraction(), p.eta(12.0)), (1.0, Some(0.0)));
+        assert_eq!(Progress::new(0.0).fraction(), 1.0);
     }
 
     #[test]
