@@ -69,13 +69,15 @@ else
   # Where driver libraries live on NVIDIA's images, after PyTorch's, in case the loader's cache
   # does not name them.
   for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64; do
-    [ -d "$d" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+    if [ -d "$d" ]; then LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; fi
   done
+  # No empty entries: the loader reads one as the current folder.
+  LD_LIBRARY_PATH="$(printf '%s' "$LD_LIBRARY_PATH" | tr -s ':' | sed 's/^://; s/:$//')"
   export LD_LIBRARY_PATH
   dtypes=(f32 bf16)
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   # Fail at once, saying where the libraries are, rather than once per sweep.
-  missing="$(ldd "$bin" | grep 'not found')"
+  missing="$(ldd "$bin" | grep 'not found' || true)"
   if [ -n "$missing" ]; then
     echo "FAIL: the CUDA binary cannot find its libraries:"
     echo "$missing"

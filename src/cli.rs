@@ -1,7 +1,7 @@
 //! The headless commands: `patchbay sweep`, `patchbay bench`, `patchbay tokenize`, `patchbay info`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -351,25 +351,44 @@ fn sweep(args: SweepArgs) -> Result<()> {
         t.schedule,
         t.load_seconds.unwrap_or_default()
     );
-    let saved = data::save(&result, args.out.as_deref(), args.csv.as_deref(), args.npy.as_deref()).and_then(|()| {
-        [&args.png, &args.svg]
-            .into_iter()
-            .flatten()
-            .try_for_each(|p| figure::save(&result, p, None))
-    });
-    if let Err(e) = saved {
-        return Err(rescue(&result, e));
-    }
-    let written: Vec<String> = [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
+    // Every output asked for, each on its own: one that fails does not stop the others.
+    let mut written: Vec<String> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    let write = |output: usize, p: &Path| match output {
+        0 => data::save(&result, Some(p), None, None),
+        1 => data::save(&result, None, Some(p), None),
+        2 => data::save(&result, None, None, Some(p)),
+        _ => figure::save(&result, p, None),
+    };
+    let mut json_written = false;
+    for (i, path) in [&args.out, &args.csv, &args.npy, &args.png, &args.svg]
         .into_iter()
-        .flatten()
-        .map(|p| p.display().to_string())
-        .collect();
+        .enumerate()
+    {
+        if let Some(p) = path {
+            match write(i, p) {
+                Ok(()) => {
+                    json_written |= i == 0;
+                    written.push(p.display().to_string());
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+    }
     for p in &written {
         let _ = writeln!(out, "wrote     {p}");
     }
+    // Without the JSON the cells would be lost: they go to the temporary folder instead.
+    let failed = (!failures.is_empty()).then(|| {
+        let failures = failures.join("; ");
+        if json_written {
+            failures
+        } else {
+            rescue(&result, failures)
+        }
+    });
     if result.complete {
-        return Ok(());
+        return failed.map_or(Ok(()), |f| Err(Error::Stopped(f)));
     }
     let t = &result.timing;
     let kept = format!(
@@ -384,9 +403,10 @@ fn sweep(args: SweepArgs) -> Result<()> {
             format!(", written to {} (\"complete\": false)", written.join(", "))
         }
     );
+    let failed = failed.map_or(String::new(), |f| format!(". {f}"));
     Err(match &result.error {
-        Some(e) => Error::Stopped(format!("the sweep stopped early ({kept}): {e}")),
-        None => Error::Cancelled(format!("cancelled: {kept}")),
+        Some(e) => Error::Stopped(format!("the sweep stopped early ({kept}): {e}{failed}")),
+        None => Error::Cancelled(format!("cancelled: {kept}{failed}")),
     })
 }
 
@@ -442,20 +462,20 @@ fn errno_location() -> *mut libc::c_int {
     std::ptr::null_mut()
 }
 
-/// An output the user asked for could not be written after the sweep (the disk filled up, the
-/// folder went away): the results go to a JSON file in the temporary folder instead, so the
-/// computed cells are not lost, and the error says where.
-fn rescue(result: &SweepResult, err: Error) -> Error {
+/// Outputs could not be written after the sweep (the disk filled up, the folder went away) and the
+/// JSON was not among those written: the results go to a JSON file in the temporary folder, so the
+/// computed cells are not lost. Returns `failures` saying where.
+fn rescue(result: &SweepResult, failures: String) -> String {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let path = std::env::temp_dir().join(format!("patchbay-sweep-{stamp}-{}.json", std::process::id()));
     match data::to_json(result).and_then(|json| data::write_atomic(&path, json.as_bytes())) {
-        Ok(()) => Error::Stopped(format!(
-            "{err}. The results are saved in {} instead (the JSON that --out writes)",
+        Ok(()) => format!(
+            "{failures}. The results are saved in {} instead (the JSON that --out writes)",
             path.display()
-        )),
-        Err(_) => err,
+        ),
+        Err(_) => failures,
     }
 }
 

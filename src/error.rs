@@ -29,7 +29,8 @@ pub enum Error {
     /// The sweep was cancelled (Ctrl-C); the message says what was kept.
     #[error("{0}")]
     Cancelled(String),
-    /// The sweep stopped on an error after computing some cells, which were kept.
+    /// The sweep, or writing its outputs, stopped on an error after computing cells, which were
+    /// kept (the message says where).
     #[error("{0}")]
     Stopped(String),
     /// A tensor operation failed (shape mismatch, out of memory, ...).
@@ -91,6 +92,7 @@ pub fn candle_text(e: &candle_core::Error) -> String {
         E::WithBacktrace { inner, .. } => candle_text(inner),
         E::Context { inner, context } => format!("{context}: {}", candle_text(inner)),
         E::WithPath { inner, path } => format!("{} ({})", candle_text(inner), path.display()),
+        E::WrappedContext { wrapped, context } => format!("{context}: {wrapped}"),
         other => other.to_string(),
     }
 }

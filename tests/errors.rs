@@ -175,6 +175,16 @@ fn missing_and_corrupt_model_files_are_reported_with_their_path() {
         "{msg}"
     );
 
+    // A folder holding a GGUF file: give the file.
+    let gguf_folder = dir.0.join("gguf-folder");
+    std::fs::create_dir_all(&gguf_folder).unwrap();
+    std::fs::write(gguf_folder.join("model.gguf"), b"GGUF").unwrap();
+    let msg = load_error(ModelSource::Folder(gguf_folder));
+    assert!(
+        msg.contains("give the file itself") && msg.contains("model.gguf"),
+        "{msg}"
+    );
+
     // Not a GGUF file.
     let fake = dir.0.join("fake.gguf");
     std::fs::write(&fake, b"this is not a gguf file at all").unwrap();
@@ -245,6 +255,25 @@ fn cli_unwritable_outputs_lose_no_results() {
     std::fs::remove_file(saved).unwrap();
     assert_eq!(json["complete"], true);
     assert_eq!(json["shape"], serde_json::json!([3, 16]));
+
+    // The JSON written, the CSV not: the error says so, and the JSON holds the results.
+    let out = dir.0.join("r.json");
+    let csv_too_long = dir.0.join(format!("{}.csv", "x".repeat(300)));
+    let (code, stdout, stderr) = patchbay(
+        &ioi_sweep(
+            &model,
+            &["--out", out.to_str().unwrap(), "--csv", csv_too_long.to_str().unwrap()],
+        ),
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.contains("wrote") && stdout.contains("r.json"), "{stdout}");
+    assert!(
+        stderr.contains("File name too long") && !stderr.contains("saved in"),
+        "{stderr}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(json["complete"], true);
 }
 
 #[test]

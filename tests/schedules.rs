@@ -32,7 +32,7 @@ fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
         .run_observed(&options, &AtomicBool::new(false), &mut |event| match event {
             SweepEvent::Cell(_) => streamed += 1,
             SweepEvent::Work(w) => {
-                assert!(w >= 0.0);
+                assert!(w > 0.0, "work is only taken back after a failed block");
                 work += w;
                 work_reports += 1;
             }

@@ -900,7 +900,7 @@ impl PatchbayApp {
             ui.add(
                 egui::ProgressBar::new(fraction)
                     .desired_width(220.0)
-                    .text(format!("{done}/{total} cells")),
+                    .text(format!("{:.0}% · {done}/{total} cells", fraction * 100.0)),
             );
             let state = match view.elapsed {
                 Some(_) if r.complete => format!(

@@ -89,6 +89,28 @@ pub struct ArchConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// A folder given as a model that has no `config.json`; when it holds GGUF files, the way to
+/// open one of them.
+fn no_config_json(dir: &Path) -> Error {
+    let gguf = std::fs::read_dir(dir).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")))
+    });
+    let message = match gguf {
+        Some(file) => format!(
+            "not a model folder: it has no config.json. To open the GGUF file in it, give the file \
+             itself: {}",
+            file.display()
+        ),
+        None => "not a model folder: it has no config.json (a Hugging Face model folder, as save_pretrained \
+                 writes it, holds config.json, the .safetensors weights and tokenizer.json)"
+            .into(),
+    };
+    Error::model_file(message, dir)
+}
+
 impl ArchConfig {
     /// Whether each attention head has RMS norms on queries and keys (Qwen3).
     pub fn qk_norm(&self) -> bool {
@@ -98,11 +120,7 @@ impl ArchConfig {
     /// Reads an HF `config.json`.
     pub fn from_hf_config_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::model_file(
-                "not a model folder: it has no config.json (a Hugging Face model folder, as \
-                 save_pretrained writes it, holds config.json, the .safetensors weights and tokenizer.json)",
-                path.parent().unwrap_or(path),
-            ),
+            std::io::ErrorKind::NotFound => no_config_json(path.parent().unwrap_or(path)),
             _ => Error::io("reading config.json", e, path),
         })?;
         let raw: serde_json::Value = serde_json::from_str(&text)

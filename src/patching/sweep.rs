@@ -348,6 +348,23 @@ fn run_blocks(
     run
 }
 
+/// Runs `attempt`, passing the rows it reports layer by layer on as work; if it fails, takes that
+/// work back, as a block that ran out of memory is retried in halves that report it again.
+fn reporting_attempt<T>(
+    observe: &mut dyn FnMut(SweepEvent<'_>),
+    attempt: impl FnOnce(&mut dyn FnMut(usize)) -> Result<T>,
+) -> Result<T> {
+    let mut reported = 0;
+    let out = attempt(&mut |rows| {
+        reported += rows;
+        observe(SweepEvent::Work(rows as f64));
+    });
+    if out.is_err() && reported > 0 {
+        observe(SweepEvent::Work(-(reported as f64)));
+    }
+    out
+}
+
 /// Groups `cells` (in schedule order) into blocks, one packed forward each: the first costs about
 /// [`FAST_FIRST_BLOCK_FRACTION`] of the total `cost`, each later one up to [`FAST_BLOCK_GROWTH`]
 /// times the one before; a block ends where the layer changes, and a remainder cheaper than the
@@ -390,7 +407,8 @@ fn pack_blocks(
 pub enum SweepEvent<'a> {
     /// A cell is done.
     Cell(&'a Cell),
-    /// More work is done, in the units of [`Sweep::progress`] (token-layers).
+    /// More work is done, in the units of [`Sweep::progress`] (token-layers); negative when a
+    /// block that failed and will be retried takes back what it had reported.
     Work(f64),
 }
 
@@ -455,7 +473,8 @@ impl Progress {
     pub fn eta(&self, elapsed: f64) -> Option<f64> {
         let &(since, done_then) = self.samples.front()?;
         let rate = (self.done - done_then) / (elapsed - since);
-        (rate > 0.0 && rate.is_finite()).then(|| (self.total - self.done).max(0.0) / rate)
+        let eta = (self.total - self.done).max(0.0) / rate;
+        (rate > 0.0 && eta.is_finite()).then_some(eta)
     }
 }
 
@@ -836,9 +855,9 @@ impl<'m> Sweep<'m> {
             Ok(starts) => run_blocks(blocks, cancel, &mut |block| {
                 let forward_start = Instant::now();
                 let logits = match options.schedule {
-                    Schedule::Fast => self.fast_block(block, &starts, cancel, &mut |rows| {
-                        observe(SweepEvent::Work(rows as f64));
-                    })?,
+                    Schedule::Fast => {
+                        reporting_attempt(observe, |on_layer| self.fast_block(block, &starts, cancel, on_layer))?
+                    }
                     Schedule::Naive => self.naive_batch(block)?,
                 };
                 let cells_start = Instant::now();
@@ -1191,6 +1210,28 @@ mod tests {
             Ok(())
         });
         assert!(run.cancelled && run.error.is_none() && delivered == [(0, 0)]);
+    }
+
+    #[test]
+    fn a_failed_attempt_takes_back_the_work_it_reported() {
+        let mut work = Vec::new();
+        let mut observe = |e: SweepEvent<'_>| {
+            if let SweepEvent::Work(w) = e {
+                work.push(w);
+            }
+        };
+        let failed: Result<()> = reporting_attempt(&mut observe, |on_layer| {
+            on_layer(30);
+            on_layer(50);
+            Err(out_of_memory())
+        });
+        assert!(failed.is_err());
+        let done: Result<u8> = reporting_attempt(&mut observe, |on_layer| {
+            on_layer(40);
+            Ok(7)
+        });
+        assert_eq!(done.unwrap(), 7);
+        assert_eq!(work, [30.0, 50.0, -80.0, 40.0]);
     }
 
     #[test]
