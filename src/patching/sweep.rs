@@ -45,6 +45,15 @@ const FAST_FIRST_BLOCK_FRACTION: f64 = 1.0 / 400.0;
 /// keep the matmuls efficient; more, smaller ones fill the heatmap more smoothly (SmolLM2 IOI:
 /// blocks of 7, 14, 42 and 140 cells after the last layer's 7).
 const FAST_BLOCK_GROWTH: usize = 6;
+/// Fast schedule: a block with this many packed token rows runs its matmuls about as efficiently
+/// as any larger one (SmolLM2 on 2 CPU cores: ~11,000–12,000 token-layers/s from a few hundred
+/// rows on, whether 500 or 15,000).
+const FAST_EFFICIENT_ROWS: usize = 1024;
+/// Fast schedule: a block that is efficient ([`FAST_EFFICIENT_ROWS`]) ends at the first layer
+/// boundary after it costs this share of the sweep, however large the growth would let it be: a
+/// long prompt's heatmap then fills in steady steps (a 43-token sweep on SmolLM2: blocks of
+/// 3–7 s, where one 682-cell block ran 23 s before), at no cost in speed.
+const FAST_MAX_BLOCK_SHARE: f64 = 1.0 / 8.0;
 /// Fast schedule: at most this many bytes of f32 logits per block (bounds memory on big
 /// vocabularies: 220 cells of Qwen3's 151,936 logits).
 const FAST_MAX_BLOCK_LOGIT_BYTES: usize = 128 << 20;
@@ -367,9 +376,10 @@ fn reporting_attempt<T>(
 
 /// Groups `cells` (in schedule order) into blocks, one packed forward each: the first costs about
 /// [`FAST_FIRST_BLOCK_FRACTION`] of the total `cost`, each later one up to [`FAST_BLOCK_GROWTH`]
-/// times the one before; a block ends where the layer changes, and a remainder cheaper than the
-/// block just filled joins it. Whatever the costs, no block has more than `max_cells` cells or
-/// more than `max_rows` packed token `rows` (but one cell).
+/// times the one before, but no more than [`FAST_MAX_BLOCK_SHARE`] of the total once it has
+/// [`FAST_EFFICIENT_ROWS`] rows; a block ends where the layer changes, and a remainder cheaper
+/// than the block just filled joins it. Whatever the costs, no block has more than `max_cells`
+/// cells or more than `max_rows` packed token `rows` (but one cell).
 fn pack_blocks(
     cells: &[CellAt],
     cost: &dyn Fn(&CellAt) -> usize,
@@ -379,6 +389,7 @@ fn pack_blocks(
 ) -> Vec<Vec<CellAt>> {
     let mut remaining: usize = cells.iter().map(cost).sum();
     let mut budget = ((remaining as f64 * FAST_FIRST_BLOCK_FRACTION) as usize).max(1);
+    let share = ((remaining as f64 * FAST_MAX_BLOCK_SHARE) as usize).max(1);
     let mut blocks = Vec::new();
     let mut block: Vec<CellAt> = Vec::new();
     let (mut spent, mut packed) = (0, 0);
@@ -390,7 +401,8 @@ fn pack_blocks(
         let next = cells.get(i + 1);
         let layer_ends = next.is_none_or(|next| next.0 != cell.0);
         let full = block.len() >= max_cells || next.is_some_and(|next| packed + rows(next) > max_rows);
-        if full || (layer_ends && spent >= budget && remaining >= budget) {
+        let enough = spent >= budget || (packed >= FAST_EFFICIENT_ROWS && spent >= share);
+        if full || (layer_ends && enough && remaining >= spent.min(budget)) {
             blocks.push(std::mem::take(&mut block));
             (spent, packed) = (0, 0);
             budget = budget.saturating_mul(FAST_BLOCK_GROWTH);
@@ -1153,6 +1165,32 @@ mod tests {
         let alone = pack_blocks(&cells, &cost, &rows, usize::MAX, 3);
         check(&alone, usize::MAX, 3);
         assert!(alone.iter().any(|b| b == &[(28, 9)]));
+    }
+
+    #[test]
+    fn long_prompts_blocks_stop_growing_once_efficient() {
+        // 43 tokens differing at the first: every cell is computed, and the cones are long.
+        let (layers, seq) = (30, 43);
+        let cells: Vec<CellAt> = (0..layers - 1)
+            .rev()
+            .flat_map(|l| (0..seq).rev().map(move |p| (l, p)))
+            .collect();
+        let cost = |&(l, p): &CellAt| (layers - 1 - l) * (seq - p) + 8;
+        let rows = |&(_, p): &CellAt| seq - p;
+        let total: usize = cells.iter().map(cost).sum();
+        let blocks = pack_blocks(&cells, &cost, &rows, usize::MAX, usize::MAX);
+        assert_eq!(blocks.concat(), cells, "every cell once, in order");
+        let costs: Vec<usize> = blocks.iter().map(|b| b.iter().map(cost).sum()).collect();
+        // The first blocks grow as usual; no block, the last (which takes a small remainder) aside,
+        // costs much more than the share plus one layer's cells.
+        assert!(costs[0] < costs[1] && costs[1] < costs[2], "{costs:?}");
+        let layer_cost = (layers - 1) * rows(&(0, 0)) * seq;
+        let share = (total as f64 * FAST_MAX_BLOCK_SHARE) as usize;
+        for &c in &costs[..costs.len() - 1] {
+            assert!(c < share + layer_cost, "{c} of {total}: {costs:?}");
+        }
+        assert!(*costs.last().unwrap() < 2 * (share + layer_cost), "{costs:?}");
+        assert!(blocks.len() >= 7, "{costs:?}");
     }
 
     #[test]
