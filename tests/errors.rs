@@ -31,9 +31,15 @@ fn ioi_sweep<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
-fn tiny_model(dir: &TempDir) -> Model {
+/// Writes the tiny Qwen3 reference model into `dir`; returns the folder as a `--model` argument.
+fn write_tiny_qwen3(dir: &TempDir) -> String {
     let reference = fixture_json("tiny_reference.json");
     write_tiny_model(&dir.0, &reference["models"][0]["config"]);
+    dir.0.to_string_lossy().into_owned()
+}
+
+fn tiny_model(dir: &TempDir) -> Model {
+    write_tiny_qwen3(dir);
     Model::load(
         &ModelSource::Folder(dir.0.clone()),
         DeviceChoice::Cpu,
@@ -232,11 +238,9 @@ fn cli_errors_stay_one_line_with_rust_backtrace_set() {
 #[test]
 fn cli_unwritable_outputs_lose_no_results() {
     let dir = TempDir::new("cli-unwritable");
-    let reference = fixture_json("tiny_reference.json");
-    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
-    let model = dir.0.to_string_lossy().into_owned();
-    let folder = dir.0.to_string_lossy().into_owned();
-    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", &folder]), &[]);
+    let model = write_tiny_qwen3(&dir);
+    // The model's folder, given as the output file.
+    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", &model]), &[]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("this is a folder"), "{stderr}");
     assert!(!stdout.contains("timing"), "refused before the sweep: {stdout}");
@@ -299,9 +303,7 @@ fn cli_cuda_without_cuda_is_explained() {
         return;
     }
     let dir = TempDir::new("cli-cuda");
-    let reference = fixture_json("tiny_reference.json");
-    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
-    let model = dir.0.to_string_lossy().into_owned();
+    let model = write_tiny_qwen3(&dir);
     let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--device", "cuda"]), &[]);
     assert_eq!(code, 1);
     assert!(
@@ -429,9 +431,7 @@ fn cli_loads_a_hub_repo_id_from_a_populated_cache_offline() {
 #[test]
 fn cli_bench_reports_the_notebook_baseline_and_its_no_op_share() {
     let dir = TempDir::new("cli-bench");
-    let reference = fixture_json("tiny_reference.json");
-    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
-    let model = dir.0.to_string_lossy().into_owned();
+    let model = write_tiny_qwen3(&dir);
     let (code, stdout, stderr) = patchbay(&["bench", "--model", &model, "--rounds", "1"], &[]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let naive_round = stdout
