@@ -25,8 +25,7 @@ if [ "$mode" = prepare ]; then
   rm -rf .gpu/models
   mkdir -p .gpu
   cp target/cuda/patchbay.gz .gpu/patchbay.gz
-  PATCHBAY_TINY_MODELS_OUT="$PWD/.gpu/models" \
-    cargo test --locked --test tiny_models -- --ignored --exact write_the_tiny_models_for_the_gpu_check >&2
+  cargo run --locked --quiet --example write_tiny_models -- "$PWD/.gpu/models" >&2
   du -sh .gpu/patchbay.gz .gpu/models
   echo "ready: run(command=\"scripts/gpu-check.sh run\", carry=[\".gpu\"], timeout_s=480)"
   exit 0

@@ -8,6 +8,8 @@ out="${1:-docs/screenshot.png}"
 wait="${2:-20}"
 shift $(( $# > 2 ? 2 : $# )) || true
 model="$(scripts/fetch-test-model.sh)"
+# Shown in the model field: relative to the repository, so the picture names no machine's folders.
+model="${model#"$PWD"/}"
 bin="${PATCHBAY_BIN:-./target/release/patchbay}"
 [ -x "$bin" ] || cargo build --release --locked
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"

@@ -5,18 +5,23 @@ use std::path::PathBuf;
 /// Everything the engine can refuse or fail at. Messages are complete sentences for the UI and CLI.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The user's input cannot be swept as given (prompts, answers, options).
+    /// The user's input cannot be swept as given (prompts, answers, options). Only for what the
+    /// user can change; the engine's own mistakes are [`Error::Internal`].
     #[error("{0}")]
     Input(String),
+    /// An invariant of the engine does not hold: a bug in Patchbay, not the user's doing.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
     /// A model file is missing, unreadable or malformed. The path comes last.
     #[error("{message}: {}", path.display())]
     ModelFile { message: String, path: PathBuf },
+    /// A checkpoint's configuration (config.json or GGUF metadata) lacks a field or describes a
+    /// shape the decoder cannot run. Loaders attach the file ([`Error::ModelFile`]).
+    #[error("{0}")]
+    ModelConfig(String),
     /// The checkpoint's architecture is not one the decoder implements.
-    #[error(
-        "unsupported architecture '{found}': Patchbay supports {}",
-        crate::model::config::SUPPORTED_ARCHITECTURES.join(", ")
-    )]
-    UnsupportedArchitecture { found: String },
+    #[error("unsupported architecture '{found}': Patchbay supports {supported}")]
+    UnsupportedArchitecture { found: String, supported: String },
     /// The Hugging Face Hub could not provide the model (offline, unknown repo, network).
     #[error("{0}")]
     Hub(String),
@@ -36,9 +41,12 @@ pub enum Error {
     /// A tensor operation failed (shape mismatch, out of memory, ...).
     #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
-    /// Reading or writing a file failed.
+    /// Reading or writing a file failed, or a file name cannot be used. The path comes last.
     #[error("{message}: {}", path.display())]
     Io { message: String, path: PathBuf },
+    /// Drawing or encoding a figure failed.
+    #[error("{0}")]
+    Drawing(String),
 }
 
 impl Error {

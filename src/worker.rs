@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
-use crate::model::{ArchConfig, DeviceChoice, LoadProgress, Model, ModelSource, TextTokenizer};
-use crate::patching::result::{Cell, SweepResult};
-use crate::patching::sweep::{Progress, Sweep, SweepEvent, SweepOptions, SweepRequest};
+use candle_core::DType;
+
+use crate::model::{
+    ArchConfig, DeviceChoice, DeviceKind, DtypeChoice, LoadProgress, Model, ModelSource, TextTokenizer,
+};
+use crate::patching::{Cell, Progress, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult};
 
 /// Commands waiting for the worker; a few are plenty (the UI disables buttons while busy).
 const COMMAND_CAPACITY: usize = 16;
@@ -29,8 +32,7 @@ pub enum Command {
     LoadModel {
         source: ModelSource,
         device: DeviceChoice,
-        /// None: the device's default (f32 on CPU, bf16 on CUDA).
-        dtype: Option<candle_core::DType>,
+        dtype: DtypeChoice,
     },
     /// Run a sweep on the loaded model.
     RunSweep {
@@ -44,8 +46,8 @@ pub enum Command {
 pub struct ModelInfo {
     pub source: ModelSource,
     pub config: ArchConfig,
-    pub dtype: String,
-    pub device: String,
+    pub dtype: DType,
+    pub device: DeviceKind,
     pub load_seconds: f64,
     /// A copy of the tokenizer, so the UI can show tokens as the user types.
     pub tokenizer: Arc<TextTokenizer>,
@@ -209,8 +211,8 @@ impl WorkerState {
                         let info = ModelInfo {
                             source: model.source.clone(),
                             config: model.config.clone(),
-                            dtype: model.dtype_name(),
-                            device: model.device_name(),
+                            dtype: model.dtype(),
+                            device: model.device_kind(),
                             load_seconds: model.load_seconds,
                             tokenizer: Arc::new(model.tokenizer.clone()),
                         };

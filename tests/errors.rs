@@ -4,24 +4,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{TempDir, fixture_json, write_tiny_model};
-use patchbay::model::{DeviceChoice, Model, ModelSource};
+use common::{IOI_ARGS, IOI_CLEAN, IOI_CORRUPTED, TempDir, fixture_json, load_folder, write_tiny, write_tiny_model};
+use patchbay::model::{DeviceChoice, DtypeChoice, Model, ModelSource};
 use patchbay::patching::Component;
-use patchbay::patching::sweep::{Sweep, SweepRequest};
-
-const CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
-const CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
-/// The IOI prompts and answers as `patchbay sweep` arguments.
-const IOI_ARGS: [&str; 8] = [
-    "--clean",
-    CLEAN,
-    "--corrupted",
-    CORRUPTED,
-    "--correct",
-    " John",
-    "--incorrect",
-    " Mary",
-];
+use patchbay::patching::{Sweep, SweepRequest};
 
 /// `patchbay sweep --model <model>` on the IOI prompts, then `extra`.
 fn ioi_sweep<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -29,24 +15,6 @@ fn ioi_sweep<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args.extend(IOI_ARGS);
     args.extend(extra);
     args
-}
-
-/// Writes the tiny Qwen3 reference model into `dir`; returns the folder as a `--model` argument.
-fn write_tiny_qwen3(dir: &TempDir) -> String {
-    let reference = fixture_json("tiny_reference.json");
-    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
-    dir.0.to_string_lossy().into_owned()
-}
-
-fn tiny_model(dir: &TempDir) -> Model {
-    write_tiny_qwen3(dir);
-    Model::load(
-        &ModelSource::Folder(dir.0.clone()),
-        DeviceChoice::Cpu,
-        None,
-        &mut |_| {},
-    )
-    .unwrap()
 }
 
 fn request(clean: &str, corrupted: &str, correct: &str, incorrect: &str) -> SweepRequest {
@@ -69,17 +37,17 @@ fn refusal(model: &Model, req: SweepRequest) -> String {
 #[test]
 fn sweep_input_refusals_explain_themselves() {
     let dir = TempDir::new("refusals");
-    let model = tiny_model(&dir);
+    let model = load_folder(std::path::Path::new(&write_tiny(&dir, "tiny-qwen3")));
 
-    let msg = refusal(&model, request("", CORRUPTED, " John", " Mary"));
+    let msg = refusal(&model, request("", IOI_CORRUPTED, " John", " Mary"));
     assert!(msg.contains("clean prompt is empty"), "{msg}");
-    let msg = refusal(&model, request(CLEAN, "   ", " John", " Mary"));
+    let msg = refusal(&model, request(IOI_CLEAN, "   ", " John", " Mary"));
     assert!(msg.contains("corrupted prompt is empty"), "{msg}");
 
     let msg = refusal(
         &model,
         request(
-            CLEAN,
+            IOI_CLEAN,
             "After John and Mary went to the big store, John gave a bottle of milk to",
             " John",
             " Mary",
@@ -89,25 +57,25 @@ fn sweep_input_refusals_explain_themselves() {
     assert!(msg.contains("clean 16"), "{msg}");
     assert!(msg.contains("[9]\" Mary\""), "shows the clean tokens: {msg}");
 
-    let msg = refusal(&model, request(CLEAN, CORRUPTED, " Johnathan", " Mary"));
+    let msg = refusal(&model, request(IOI_CLEAN, IOI_CORRUPTED, " Johnathan", " Mary"));
     assert!(
         msg.contains("correct answer \" Johnathan\" is") && msg.contains("exactly one token"),
         "{msg}"
     );
     assert!(msg.contains("\" John\" + "), "shows how it tokenizes: {msg}");
 
-    let msg = refusal(&model, request(CLEAN, CORRUPTED, " John", ""));
+    let msg = refusal(&model, request(IOI_CLEAN, IOI_CORRUPTED, " John", ""));
     assert!(msg.contains("incorrect answer is empty"), "{msg}");
 
-    let msg = refusal(&model, request(CLEAN, CORRUPTED, " John", " John"));
+    let msg = refusal(&model, request(IOI_CLEAN, IOI_CORRUPTED, " John", " John"));
     assert!(msg.contains("same token"), "{msg}");
 }
 
 #[test]
 fn equal_logit_differences_are_reported_not_divided_by() {
     let dir = TempDir::new("equal-ld");
-    let model = tiny_model(&dir);
-    let sweep = Sweep::prepare(&model, &request(CLEAN, CLEAN, " John", " Mary"), 10).unwrap();
+    let model = load_folder(std::path::Path::new(&write_tiny(&dir, "tiny-qwen3")));
+    let sweep = Sweep::prepare(&model, &request(IOI_CLEAN, IOI_CLEAN, " John", " Mary"), 10).unwrap();
     assert_eq!(sweep.result().clean_logit_diff, sweep.result().corrupted_logit_diff);
     assert!(sweep.result().warnings.iter().any(|w| w.contains("undefined")));
     let result = sweep
@@ -122,7 +90,7 @@ fn equal_logit_differences_are_reported_not_divided_by() {
 }
 
 fn load_error(source: ModelSource) -> String {
-    match Model::load(&source, DeviceChoice::Cpu, None, &mut |_| {}) {
+    match Model::load(&source, DeviceChoice::Cpu, DtypeChoice::Auto, &mut |_| {}) {
         Ok(_) => panic!("expected {source:?} to fail"),
         Err(e) => e.to_string(),
     }
@@ -238,7 +206,7 @@ fn cli_errors_stay_one_line_with_rust_backtrace_set() {
 #[test]
 fn cli_unwritable_outputs_lose_no_results() {
     let dir = TempDir::new("cli-unwritable");
-    let model = write_tiny_qwen3(&dir);
+    let model = write_tiny(&dir, "tiny-qwen3");
     // The model's folder, given as the output file.
     let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", &model]), &[]);
     assert_eq!(code, 1, "{stderr}");
@@ -303,7 +271,7 @@ fn cli_cuda_without_cuda_is_explained() {
         return;
     }
     let dir = TempDir::new("cli-cuda");
-    let model = write_tiny_qwen3(&dir);
+    let model = write_tiny(&dir, "tiny-qwen3");
     let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--device", "cuda"]), &[]);
     assert_eq!(code, 1);
     assert!(
@@ -381,9 +349,9 @@ fn cli_sweep_writes_json_csv_npy_and_refuses_multi_token_answers() {
             "--model",
             &model,
             "--clean",
-            CLEAN,
+            IOI_CLEAN,
             "--corrupted",
-            CORRUPTED,
+            IOI_CORRUPTED,
             "--correct",
             " Johnathan",
             "--incorrect",
@@ -431,7 +399,7 @@ fn cli_loads_a_hub_repo_id_from_a_populated_cache_offline() {
 #[test]
 fn cli_bench_reports_the_notebook_baseline_and_its_no_op_share() {
     let dir = TempDir::new("cli-bench");
-    let model = write_tiny_qwen3(&dir);
+    let model = write_tiny(&dir, "tiny-qwen3");
     let (code, stdout, stderr) = patchbay(&["bench", "--model", &model, "--rounds", "1"], &[]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let naive_round = stdout
@@ -484,13 +452,15 @@ fn cli_bench_reports_the_notebook_baseline_and_its_no_op_share() {
 /// computed (`"complete": false`), exiting 130 as a shell expects of an interrupted program.
 #[cfg(unix)]
 #[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
 fn cli_ctrl_c_mid_sweep_writes_the_cells_computed_so_far() {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
 
-    let Some(gguf) = common::smollm2_gguf() else {
-        return;
-    };
+    let gguf = common::smollm2_gguf();
     let dir = TempDir::new("cli-interrupt");
     let out = dir.0.join("partial.json");
     // The naive schedule, one forward per cell: minutes in a debug build, so it is still running

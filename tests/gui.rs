@@ -5,14 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TempDir, fixture_json, smollm2_gguf, write_tiny_model};
+use common::{IOI_CLEAN, IOI_CORRUPTED, TempDir, smollm2_gguf, write_tiny};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use patchbay::app::{PatchbayApp, StartOptions};
-use patchbay::patching::sweep::{Schedule, SweepOptions};
+use patchbay::patching::{Schedule, SweepOptions};
 
-const CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
-const CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
 const WAIT: Duration = Duration::from_secs(120);
 
 fn harness(model: &str) -> Harness<'static, PatchbayApp> {
@@ -41,12 +39,6 @@ fn wait_until(h: &mut Harness<'static, PatchbayApp>, what: &str, done: impl Fn(&
     h.run_steps(3);
 }
 
-fn tiny_model(dir: &TempDir) -> String {
-    let reference = fixture_json("tiny_reference.json");
-    write_tiny_model(&dir.0, &reference["models"][0]["config"]);
-    dir.0.to_string_lossy().into_owned()
-}
-
 fn click_at(h: &mut Harness<'static, PatchbayApp>, pos: egui::Pos2) {
     h.hover_at(pos);
     h.step();
@@ -66,7 +58,7 @@ fn click_at(h: &mut Harness<'static, PatchbayApp>, pos: egui::Pos2) {
 #[test]
 fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
     let dir = TempDir::new("gui-sweep");
-    let mut h = harness(&tiny_model(&dir));
+    let mut h = harness(&write_tiny(&dir, "tiny-qwen3"));
     wait_until(&mut h, "the model to load", |a| a.model().is_some());
 
     // Type the prompts as a user would.
@@ -75,14 +67,14 @@ fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
     h.run_steps(2);
     h.get_by_label("Clean prompt").click();
     h.run_steps(1);
-    h.get_by_label("Clean prompt").type_text(CLEAN);
+    h.get_by_label("Clean prompt").type_text(IOI_CLEAN);
     h.run_steps(2);
     h.get_by_label("Corrupted prompt").click();
     h.run_steps(1);
-    h.get_by_label("Corrupted prompt").type_text(CORRUPTED);
+    h.get_by_label("Corrupted prompt").type_text(IOI_CORRUPTED);
     h.run_steps(3);
-    assert_eq!(h.state_mut().settings_mut().clean, CLEAN);
-    assert_eq!(h.state_mut().settings_mut().corrupted, CORRUPTED);
+    assert_eq!(h.state_mut().settings_mut().clean, IOI_CLEAN);
+    assert_eq!(h.state_mut().settings_mut().corrupted, IOI_CORRUPTED);
     // The prompts are shown as token chips (position + token, spaces made visible).
     assert!(h.query_by_label("9·Mary").is_some(), "clean chip at position 9");
     assert!(h.query_by_label("9·John").is_some(), "corrupted chip at position 9");
@@ -127,7 +119,7 @@ fn typed_prompts_sweep_and_clicked_cell_shows_in_inspector() {
 #[test]
 fn bad_inputs_show_their_messages() {
     let dir = TempDir::new("gui-bad");
-    let mut h = harness(&tiny_model(&dir));
+    let mut h = harness(&write_tiny(&dir, "tiny-qwen3"));
     wait_until(&mut h, "the model to load", |a| a.model().is_some());
 
     // A multi-token answer is flagged and Run is disabled.
@@ -146,7 +138,7 @@ fn bad_inputs_show_their_messages() {
     assert!(h.query_by_label_contains("Token counts differ").is_some());
 
     // An empty prompt is refused by the worker with a message.
-    h.state_mut().settings_mut().corrupted = CORRUPTED.into();
+    h.state_mut().settings_mut().corrupted = IOI_CORRUPTED.into();
     h.state_mut().settings_mut().clean = String::new();
     h.run_steps(2);
     h.get_by_label("Run").click();
@@ -161,9 +153,9 @@ fn bad_inputs_show_their_messages() {
 }
 
 /// The app on SmolLM2, part-way through a deliberately slow sweep (naive, one cell per forward),
-/// with a few computed cells beyond the 270 skipped ones. None when the model is not fetched.
-fn smollm2_mid_sweep() -> Option<Harness<'static, PatchbayApp>> {
-    let gguf = smollm2_gguf()?;
+/// with a few computed cells beyond the 270 skipped ones.
+fn smollm2_mid_sweep() -> Harness<'static, PatchbayApp> {
+    let gguf = smollm2_gguf();
     let mut h = harness(&gguf.to_string_lossy());
     wait_until(&mut h, "SmolLM2 to load", |a| a.model().is_some());
     h.state_mut().set_sweep_options(SweepOptions {
@@ -175,12 +167,16 @@ fn smollm2_mid_sweep() -> Option<Harness<'static, PatchbayApp>> {
     wait_until(&mut h, "the first computed cells", |a| {
         a.result().is_some_and(|r| r.done_cells() > 272)
     });
-    Some(h)
+    h
 }
 
 #[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
 fn cancel_mid_sweep_keeps_finished_cells() {
-    let Some(mut h) = smollm2_mid_sweep() else { return };
+    let mut h = smollm2_mid_sweep();
     // The status bar: the elapsed time and an ETA from the work reported so far.
     h.run_steps(2);
     assert!(h.query_by_label_contains("· eta ").is_some(), "no ETA while running");
@@ -195,8 +191,12 @@ fn cancel_mid_sweep_keeps_finished_cells() {
 }
 
 #[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
 fn closing_the_window_mid_sweep_returns_promptly() {
-    let Some(h) = smollm2_mid_sweep() else { return };
+    let h = smollm2_mid_sweep();
     let start = Instant::now();
     drop(h);
     assert!(
@@ -211,7 +211,7 @@ fn closing_the_window_mid_sweep_returns_promptly() {
 #[test]
 fn command_line_settings_start_the_app_and_run() {
     let dir = TempDir::new("gui-overrides");
-    let model = tiny_model(&dir);
+    let model = write_tiny(&dir, "tiny-qwen3");
     let clean = "When Tom and Anna went to the park, Anna gave a ball to";
     let corrupted = "When Tom and Anna went to the park, Tom gave a ball to";
     let start = StartOptions {

@@ -9,7 +9,7 @@ use common::{fixture_json, ids, smollm2};
 use patchbay::model::Model;
 use patchbay::patching::Component;
 use patchbay::patching::result::SweepResult;
-use patchbay::patching::sweep::{Schedule, Sweep, SweepOptions, SweepRequest};
+use patchbay::patching::{Schedule, Sweep, SweepOptions, SweepRequest};
 
 fn ioi_request(component: Component) -> SweepRequest {
     let r = fixture_json("smollm2_ioi.json");
@@ -32,8 +32,12 @@ fn sweep(model: &Model, schedule: Schedule) -> SweepResult {
 }
 
 #[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
 fn ioi_tokenizes_like_python() {
-    let Some(model) = smollm2() else { return };
+    let model = smollm2();
     let r = fixture_json("smollm2_ioi.json");
     let clean = model
         .tokenizer
@@ -58,8 +62,12 @@ fn ioi_tokenizes_like_python() {
 }
 
 #[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
 fn gguf_tokenizer_matches_python_on_tricky_strings() {
-    let Some(model) = smollm2() else { return };
+    let model = smollm2();
     let reference = fixture_json("gguf_tokenizer_reference.json");
     let mut failures = Vec::new();
     for case in reference["cases"].as_array().unwrap() {
@@ -83,8 +91,12 @@ fn gguf_tokenizer_matches_python_on_tricky_strings() {
 }
 
 #[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
 fn residual_sweep_reproduces_transformers_reference() {
-    let Some(model) = smollm2() else { return };
+    let model = smollm2();
     let r = fixture_json("smollm2_ioi.json");
     let result = sweep(model, Schedule::Fast);
     assert_eq!(result.shape, [30, 16]);

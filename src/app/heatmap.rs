@@ -50,24 +50,6 @@ fn layer_y(layer: usize) -> f64 {
     -(layer as f64) - 0.5
 }
 
-/// Position labels "John_1"; tokens that differ between the prompts show both.
-pub fn position_labels(result: &SweepResult) -> Vec<String> {
-    result
-        .clean
-        .tokens
-        .iter()
-        .zip(&result.corrupted.tokens)
-        .enumerate()
-        .map(|(i, (c, k))| {
-            if c == k {
-                format!("{}_{i}", c.trim())
-            } else {
-                format!("{}/{}_{i}", c.trim(), k.trim())
-            }
-        })
-        .collect()
-}
-
 fn unit_marks(input: GridInput, centre: impl Fn(f64) -> Option<f64>) -> Vec<GridMark> {
     let (lo, hi) = input.bounds;
     let span = (hi - lo).max(1.0);
@@ -146,7 +128,7 @@ impl Heatmap {
             self.dirty = false;
         }
         let (layers, positions) = (result.layers(), result.positions());
-        let labels = position_labels(result);
+        let labels = result.position_labels();
         let mut out = HeatmapResponse::default();
         let avail = ui.available_size();
         let plot_size = Vec2::new(

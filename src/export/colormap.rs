@@ -1,7 +1,9 @@
 //! The diverging colour map researchers know from plotly's `RdBu`: red below 0, white at 0, blue
 //! above (blue = clean behaviour recovered). Shared by the live heatmap and saved figures.
 
-/// plotly.colors.diverging.RdBu (ColorBrewer), from the low end to the high end.
+/// plotly.colors.diverging.RdBu (ColorBrewer), from the low end to the high end, joined by straight
+/// lines as plotly and matplotlib join them. Kept by hand: the colour crates' RdBu (colorous,
+/// colorgrad) are d3's B-spline through these colours, up to 10/255 off matplotlib's and grey at 0.
 const RDBU: [[u8; 3]; 11] = [
     [103, 0, 31],
     [178, 24, 43],
@@ -59,5 +61,29 @@ mod tests {
         assert_eq!(rdbu(-1.0, 1.0), [103, 0, 31]);
         assert_eq!(rdbu(5.0, 1.0), [5, 48, 97], "clamped");
         assert_eq!(rdbu(f64::NAN, 1.0), [247, 247, 247]);
+    }
+
+    #[test]
+    fn matches_matplotlib_rdbu() {
+        // matplotlib 3.11's `colormaps["RdBu"](t)` × 255 (a 256-entry table of the same lines, so
+        // within 3/255 of the exact interpolation).
+        let reference = [
+            (0.1, [176.5, 23.5, 42.8]),
+            (0.25, [229.3, 131.2, 104.0]),
+            (0.4, [253.0, 219.0, 199.0]),
+            (0.5, [246.3, 246.7, 246.9]),
+            (0.6, [209.0, 229.0, 240.0]),
+            (0.75, [104.2, 170.5, 207.7]),
+            (0.9, [32.5, 100.9, 170.5]),
+        ];
+        for (t, expected) in reference {
+            let ours = rdbu(2.0 * t - 1.0, 1.0);
+            for (channel, (&got, want)) in ours.iter().zip(expected).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() <= 3.0,
+                    "t = {t}, channel {channel}: {got} vs matplotlib's {want}"
+                );
+            }
+        }
     }
 }

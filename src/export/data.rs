@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::patching::result::SweepResult;
+use crate::patching::SweepResult;
 
 /// Writes bytes to `path` via a temporary file in the same folder, so a failed write never leaves a
 /// half-written file where a good one was.
@@ -26,34 +26,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The full result as pretty JSON.
 pub fn to_json(result: &SweepResult) -> Result<String> {
-    serde_json::to_string_pretty(result).map_err(|e| Error::Input(format!("serializing results: {e}")))
+    serde_json::to_string_pretty(result).map_err(|e| Error::Internal(format!("serializing results: {e}")))
 }
 
 /// One row per cell: layer, position, tokens, normalized value, raw logit difference, skipped.
-pub fn to_csv(result: &SweepResult) -> String {
-    let mut out = String::from("layer,position,clean_token,corrupted_token,value,patched_logit_diff,skipped\n");
+pub fn to_csv(result: &SweepResult) -> Result<String> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    let fail = |e: csv::Error| Error::Internal(format!("writing CSV: {e}"));
+    out.write_record([
+        "layer",
+        "position",
+        "clean_token",
+        "corrupted_token",
+        "value",
+        "patched_logit_diff",
+        "skipped",
+    ])
+    .map_err(fail)?;
+    let num = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for l in 0..result.layers() {
         for p in 0..result.positions() {
-            let num = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
-            out.push_str(&format!(
-                "{l},{p},{},{},{},{},{}\n",
-                csv_field(&result.clean.tokens[p]),
-                csv_field(&result.corrupted.tokens[p]),
-                num(result.values[l][p]),
-                num(result.patched_logit_diff[l][p]),
-                result.skipped[l][p]
-            ));
+            out.write_record([
+                l.to_string().as_str(),
+                &p.to_string(),
+                &result.clean.tokens[p],
+                &result.corrupted.tokens[p],
+                &num(result.values[l][p]),
+                &num(result.patched_logit_diff[l][p]),
+                &result.skipped[l][p].to_string(),
+            ])
+            .map_err(fail)?;
         }
     }
-    out
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) || s.starts_with(' ') || s.ends_with(' ') {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
+    let bytes = out
+        .into_inner()
+        .map_err(|e| Error::Internal(format!("writing CSV: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| Error::Internal(format!("writing CSV: {e}")))
 }
 
 /// The normalized matrix as a NumPy `.npy` file: float64, shape `(layers, positions)`, NaN where
@@ -77,25 +85,36 @@ pub fn to_npy(result: &SweepResult) -> Vec<u8> {
     out
 }
 
-/// Writes whichever of the three formats have a path.
-pub fn save(result: &SweepResult, json: Option<&Path>, csv: Option<&Path>, npy: Option<&Path>) -> Result<()> {
-    if let Some(p) = json {
-        write_atomic(p, to_json(result)?.as_bytes())?;
-    }
-    if let Some(p) = csv {
-        write_atomic(p, to_csv(result).as_bytes())?;
-    }
-    if let Some(p) = npy {
-        write_atomic(p, &to_npy(result))?;
-    }
-    Ok(())
-}
-
-/// Reads a sweep JSON written by [`save`].
+/// Reads a sweep JSON written by [`super::save`].
 pub fn load_json(path: &Path) -> Result<SweepResult> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading results", e, path))?;
     serde_json::from_str(&text).map_err(|e| Error::Io {
         message: format!("not a Patchbay sweep file ({e})"),
         path: path.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_round_trips_awkward_tokens() {
+        // A result shaped like a real one, with tokens a CSV writer must quote.
+        let tokens = [" John", "a,b", "say \"hi\"", "line\nbreak", ""];
+        let mut result = SweepResult::empty_for_tests(2, tokens.len());
+        result.clean.tokens = tokens.iter().map(|t| t.to_string()).collect();
+        result.corrupted.tokens = result.clean.tokens.clone();
+        result.values[1][3] = Some(0.25);
+        result.patched_logit_diff[1][3] = Some(1.5);
+        let text = to_csv(&result).unwrap();
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(rows.len(), 2 * tokens.len());
+        for (p, token) in tokens.iter().enumerate() {
+            assert_eq!(&rows[p][2], *token, "clean token at position {p}");
+        }
+        assert_eq!(&rows[tokens.len() + 3][4], "0.25");
+        assert_eq!(&rows[0][4], "", "not computed: empty");
+    }
 }

@@ -1,16 +1,14 @@
 //! Standalone figures of a sweep (PNG and SVG), drawn from the data rather than grabbed from the
 //! window: title naming model, component and metric; token tick labels; layer axis; colorbar.
 
-use std::path::Path;
 use std::sync::Once;
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::colormap::{DEFAULT_RANGE, rdbu};
-use super::data::write_atomic;
+use super::colormap::rdbu;
 use crate::error::{Error, Result};
-use crate::patching::result::SweepResult;
+use crate::patching::SweepResult;
 
 const FONT: &str = "sans-serif";
 const CELL_W: i32 = 44;
@@ -52,7 +50,7 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, r: &S
 where
     DB::ErrorType: 'static,
 {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| Error::Input(format!("drawing the figure failed: {e}"));
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| Error::Drawing(format!("drawing the figure failed: {e}"));
     root.fill(&WHITE).map_err(err)?;
     let (layers, positions) = (r.layers() as i32, r.positions() as i32);
     let text = |size: f64| TextStyle::from((FONT, size).into_font()).color(&BLACK);
@@ -124,14 +122,9 @@ where
     let tick = TextStyle::from((FONT, 12.0).into_font().transform(FontTransform::Rotate270))
         .color(&BLACK)
         .pos(Pos::new(HPos::Right, VPos::Center));
+    let labels = r.position_labels();
     for p in 0..positions {
-        let (c, k) = (&r.clean.tokens[p as usize], &r.corrupted.tokens[p as usize]);
-        let label = if c == k {
-            format!("{}_{p}", c.trim())
-        } else {
-            format!("{}/{}_{p}", c.trim(), k.trim())
-        };
-        let label: String = label.chars().take(22).collect();
+        let label: String = labels[p as usize].chars().take(22).collect();
         root.draw(&Text::new(
             label,
             (LEFT + p * CELL_W + CELL_W / 2, grid_bottom + 8),
@@ -210,30 +203,10 @@ pub fn to_png(result: &SweepResult, range: f64) -> Result<Vec<u8>> {
         encoder.set_depth(png::BitDepth::Eight);
         let mut writer = encoder
             .write_header()
-            .map_err(|e| Error::Input(format!("encoding PNG failed: {e}")))?;
+            .map_err(|e| Error::Drawing(format!("encoding PNG failed: {e}")))?;
         writer
             .write_image_data(&rgb)
-            .map_err(|e| Error::Input(format!("encoding PNG failed: {e}")))?;
+            .map_err(|e| Error::Drawing(format!("encoding PNG failed: {e}")))?;
     }
     Ok(out)
-}
-
-/// Saves the figure; the format follows the extension (.png or .svg).
-pub fn save(result: &SweepResult, path: &Path, range: Option<f64>) -> Result<()> {
-    let range = range.unwrap_or(DEFAULT_RANGE);
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    let bytes = match ext.as_str() {
-        "png" => to_png(result, range)?,
-        "svg" => to_svg(result, range)?.into_bytes(),
-        _ => {
-            return Err(Error::Io {
-                message: "figures are saved as .png or .svg".into(),
-                path: path.to_owned(),
-            });
-        }
-    };
-    write_atomic(path, &bytes)
 }

@@ -1,5 +1,125 @@
-//! Writing results: data files that load straight into a notebook, and figures.
+//! Writing results: data files that load straight into a notebook, and figures. [`save`] picks the
+//! format from the file name's extension; [`save_as`] takes it explicitly (the CLI's `--csv` and
+//! friends).
 
 pub mod colormap;
 pub mod data;
 pub mod figure;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::patching::SweepResult;
+
+/// A file format results can be saved in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Everything, as the CLI's `--out` writes it.
+    Json,
+    /// One row per cell.
+    Csv,
+    /// The normalized `[layer, position]` matrix as a NumPy array.
+    Npy,
+    /// The figure as a PNG image.
+    Png,
+    /// The figure as SVG.
+    Svg,
+}
+
+impl Format {
+    /// The data formats, as file dialogs offer them.
+    pub const DATA: [Format; 3] = [Format::Json, Format::Csv, Format::Npy];
+    /// The figure formats.
+    pub const FIGURES: [Format; 2] = [Format::Png, Format::Svg];
+
+    /// The file name extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Csv => "csv",
+            Format::Npy => "npy",
+            Format::Png => "png",
+            Format::Svg => "svg",
+        }
+    }
+
+    /// The format `path`'s extension names.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        [Format::DATA.as_slice(), Format::FIGURES.as_slice()]
+            .concat()
+            .into_iter()
+            .find(|f| f.extension() == ext)
+            .ok_or_else(|| Error::Io {
+                message: "unknown file type: results are saved as .json, .csv or .npy, figures as .png or .svg".into(),
+                path: path.to_owned(),
+            })
+    }
+
+    /// Whether this is a figure rather than data.
+    pub fn is_figure(self) -> bool {
+        Format::FIGURES.contains(&self)
+    }
+}
+
+/// Saves `result` to `path` in the format its extension names; figures use the colour `range`
+/// ([`colormap::DEFAULT_RANGE`] when `None`).
+pub fn save(result: &SweepResult, path: &Path, range: Option<f64>) -> Result<()> {
+    save_as(result, path, Format::from_path(path)?, range)
+}
+
+/// Saves `result` to `path` in `format`, whatever the extension; never leaves a half-written file.
+pub fn save_as(result: &SweepResult, path: &Path, format: Format, range: Option<f64>) -> Result<()> {
+    let range = range.unwrap_or(colormap::DEFAULT_RANGE);
+    let bytes = match format {
+        Format::Json => data::to_json(result)?.into_bytes(),
+        Format::Csv => data::to_csv(result)?.into_bytes(),
+        Format::Npy => data::to_npy(result),
+        Format::Png => figure::to_png(result, range)?,
+        Format::Svg => figure::to_svg(result, range)?.into_bytes(),
+    };
+    data::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_extension_names_the_format() {
+        assert_eq!(Format::from_path(Path::new("out/r.JSON")).unwrap(), Format::Json);
+        assert_eq!(Format::from_path(Path::new("r.npy")).unwrap(), Format::Npy);
+        assert!(Format::from_path(Path::new("fig.svg")).unwrap().is_figure());
+        let e = Format::from_path(Path::new("r.txt")).unwrap_err().to_string();
+        assert!(e.contains(".json, .csv or .npy") && e.ends_with("r.txt"), "{e}");
+        assert!(Format::from_path(Path::new("no_extension")).is_err());
+    }
+
+    #[test]
+    fn save_writes_each_format_by_its_extension() {
+        let dir = std::env::temp_dir().join(format!("patchbay-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut result = SweepResult::empty_for_tests(3, 4);
+        result.values[2][1] = Some(0.5);
+        result.patched_logit_diff[2][1] = Some(0.5);
+        let magic: [(&str, &[u8]); 5] = [
+            ("json", b"{"),
+            ("csv", b"layer,position"),
+            ("npy", b"\x93NUMPY"),
+            ("png", b"\x89PNG"),
+            ("svg", b"<svg"),
+        ];
+        for (ext, start) in magic {
+            let path = dir.join(format!("r.{ext}"));
+            save(&result, &path, None).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(bytes.starts_with(start), "{ext}");
+        }
+        let back = data::load_json(&dir.join("r.json")).unwrap();
+        assert_eq!(back, result);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

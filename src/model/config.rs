@@ -126,68 +126,52 @@ impl ArchConfig {
         let raw: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(format!("config.json is not valid JSON ({e})"), path))?;
         Self::from_hf_config(&raw).map_err(|e| match e {
-            Error::Input(msg) => Error::model_file(msg, path),
+            Error::ModelConfig(msg) => Error::model_file(msg, path),
             other => other,
         })
     }
 
     /// Interprets a parsed HF `config.json` (transformers 4.x and 5.x spellings).
     pub fn from_hf_config(raw: &serde_json::Value) -> Result<Self> {
-        let class = raw["architectures"]
-            .as_array()
-            .and_then(|a| a.first())
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
-        let model_type = raw["model_type"].as_str().unwrap_or_default();
+        let hf = HfConfig::deserialize(raw)
+            .map_err(|e| Error::ModelConfig(format!("config.json does not describe a model ({e})")))?;
+        let class = hf.architectures.first().cloned();
         let family = match &class {
             Some(c) => Family::from_hf_class(c),
-            None => Family::from_model_type(model_type),
+            None => Family::from_model_type(&hf.model_type),
         }
-        .ok_or_else(|| match (&class, model_type) {
-            (None, "") => {
-                Error::Input("config.json names no architecture (neither \"architectures\" nor \"model_type\")".into())
-            }
-            _ => Error::UnsupportedArchitecture {
-                found: class.clone().unwrap_or_else(|| model_type.to_owned()),
-            },
+        .ok_or_else(|| match (&class, hf.model_type.as_str()) {
+            (None, "") => Error::ModelConfig(
+                "config.json names no architecture (neither \"architectures\" nor \"model_type\")".into(),
+            ),
+            _ => unsupported(class.clone().unwrap_or_else(|| hf.model_type.clone())),
         })?;
-
-        let usize_field = |key: &str| -> Result<usize> {
-            raw[key]
-                .as_u64()
-                .map(|v| v as usize)
-                .ok_or_else(|| Error::Input(format!("config.json lacks the integer field '{key}'")))
+        let required = |value: Option<usize>, key: &str| {
+            value.ok_or_else(|| Error::ModelConfig(format!("config.json lacks the integer field '{key}'")))
         };
-        let hidden_size = usize_field("hidden_size")?;
-        let num_heads = usize_field("num_attention_heads")?;
-        let num_kv_heads = raw["num_key_value_heads"].as_u64().map_or(num_heads, |v| v as usize);
-        let head_dim = raw["head_dim"]
-            .as_u64()
-            .map_or(hidden_size / num_heads.max(1), |v| v as usize);
+        let hidden_size = required(hf.hidden_size, "hidden_size")?;
+        let num_heads = required(hf.num_attention_heads, "num_attention_heads")?;
         // transformers 5 moves rope settings into `rope_parameters`; 4.x uses rope_theta + rope_scaling.
-        let rope = raw.get("rope_parameters").filter(|v| v.is_object());
-        let rope_theta = rope
-            .and_then(|r| r["rope_theta"].as_f64())
-            .or_else(|| raw["rope_theta"].as_f64())
-            .unwrap_or(10_000.0);
-        let scaling = rope
-            .or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()))
-            .cloned();
-        let rope_scaling = parse_rope_scaling(scaling.as_ref())?;
+        let rope = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
         let config = ArchConfig {
             family,
-            vocab_size: usize_field("vocab_size")?,
+            vocab_size: required(hf.vocab_size, "vocab_size")?,
             hidden_size,
-            intermediate_size: usize_field("intermediate_size")?,
-            num_layers: usize_field("num_hidden_layers")?,
+            intermediate_size: required(hf.intermediate_size, "intermediate_size")?,
+            num_layers: required(hf.num_hidden_layers, "num_hidden_layers")?,
             num_heads,
-            num_kv_heads,
-            head_dim,
-            rms_norm_eps: raw["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-            rope_theta,
-            rope_scaling,
-            max_position_embeddings: raw["max_position_embeddings"].as_u64().unwrap_or(4096) as usize,
-            tie_word_embeddings: raw["tie_word_embeddings"].as_bool().unwrap_or(false),
+            num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: hf.head_dim.unwrap_or(hidden_size / num_heads.max(1)),
+            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: hf
+                .rope_parameters
+                .as_ref()
+                .and_then(|r| r.rope_theta)
+                .or(hf.rope_theta)
+                .unwrap_or(10_000.0),
+            rope_scaling: rope.map_or(Ok(RopeScaling::Default), HfRope::scaling)?,
+            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         };
         config.validate()?;
         Ok(config)
@@ -201,15 +185,13 @@ impl ArchConfig {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        let family = Family::from_model_type(&arch).ok_or_else(|| Error::UnsupportedArchitecture {
-            found: format!("{arch} (gguf)"),
-        })?;
+        let family = Family::from_model_type(&arch).ok_or_else(|| unsupported(format!("{arch} (gguf)")))?;
         let get_u = |key: &str| -> Result<usize> {
             let full = format!("{arch}.{key}");
             md.get(&full)
                 .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
                 .map(|v| v as usize)
-                .ok_or_else(|| Error::Input(format!("GGUF metadata lacks '{full}'")))
+                .ok_or_else(|| Error::ModelConfig(format!("GGUF metadata lacks '{full}'")))
         };
         let get_f = |key: &str| -> Option<f64> {
             md.get(&format!("{arch}.{key}"))
@@ -233,7 +215,7 @@ impl ArchConfig {
                 factor: get_f("rope.scaling.factor").unwrap_or(1.0),
             },
             Some(other) => {
-                return Err(Error::Input(format!(
+                return Err(Error::ModelConfig(format!(
                     "GGUF rope scaling '{other}' is not supported (supported: none, linear)"
                 )));
             }
@@ -258,7 +240,7 @@ impl ArchConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::Input(msg));
+        let bad = |msg: String| Err(Error::ModelConfig(msg));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.num_layers == 0 {
             return bad(format!(
                 "config has zero heads, head_dim or layers (heads {}, kv heads {}, head_dim {}, layers {})",
@@ -295,28 +277,69 @@ impl ArchConfig {
     }
 }
 
-fn parse_rope_scaling(scaling: Option<&serde_json::Value>) -> Result<RopeScaling> {
-    let Some(s) = scaling else {
-        return Ok(RopeScaling::Default);
-    };
-    let kind = s["rope_type"]
-        .as_str()
-        .or_else(|| s["type"].as_str())
-        .unwrap_or("default");
-    let num = |key: &str, default: f64| s[key].as_f64().unwrap_or(default);
-    match kind {
-        "default" => Ok(RopeScaling::Default),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: num("factor", 1.0),
-        }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: num("factor", 8.0),
-            low_freq_factor: num("low_freq_factor", 1.0),
-            high_freq_factor: num("high_freq_factor", 4.0),
-            original_max_position_embeddings: num("original_max_position_embeddings", 8192.0),
-        }),
-        other => Err(Error::Input(format!(
-            "rope scaling '{other}' is not supported (supported: default, linear, llama3)"
-        ))),
+/// The fields of an HF `config.json` the decoder reads; the rest are ignored. Optional where
+/// transformers has a default (applied in [`ArchConfig::from_hf_config`]); required ones are
+/// `Option`s too, so a missing one is named in the error.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    model_type: String,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    /// transformers 4.x: the scaling alone (null when none).
+    rope_scaling: Option<HfRope>,
+    /// transformers 5: theta and scaling together.
+    rope_parameters: Option<HfRope>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+}
+
+/// `rope_scaling` / `rope_parameters` of an HF `config.json`.
+#[derive(Debug, Deserialize)]
+struct HfRope {
+    /// "default", "linear", "llama3" (older files spell the key `type`).
+    #[serde(alias = "type")]
+    rope_type: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+impl HfRope {
+    fn scaling(&self) -> Result<RopeScaling> {
+        match self.rope_type.as_deref().unwrap_or("default") {
+            "default" => Ok(RopeScaling::Default),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: self.factor.unwrap_or(1.0),
+            }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: self.factor.unwrap_or(8.0),
+                low_freq_factor: self.low_freq_factor.unwrap_or(1.0),
+                high_freq_factor: self.high_freq_factor.unwrap_or(4.0),
+                original_max_position_embeddings: self.original_max_position_embeddings.unwrap_or(8192.0),
+            }),
+            other => Err(Error::ModelConfig(format!(
+                "rope scaling '{other}' is not supported (supported: default, linear, llama3)"
+            ))),
+        }
+    }
+}
+
+/// The error for an architecture the decoder does not implement.
+fn unsupported(found: String) -> Error {
+    Error::UnsupportedArchitecture {
+        found,
+        supported: SUPPORTED_ARCHITECTURES.join(", "),
     }
 }

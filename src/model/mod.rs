@@ -1,12 +1,15 @@
 //! Loading models: where the files come from, their architecture, weights and tokenizer.
 
+pub mod attention;
+pub mod cones;
 pub mod config;
-pub mod fastmath;
+pub mod decoder;
+pub mod device;
 pub mod hub;
-pub mod skinny;
+pub mod kernels;
+pub mod layers;
 pub mod synthetic;
 pub mod tokenizer;
-pub mod transformer;
 pub mod weights;
 
 /// The largest absolute difference between two tensors of the same shape (f32), for tests.
@@ -30,10 +33,12 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+pub use cones::{Cone, PromptsForward};
 pub use config::{ArchConfig, Family};
+pub use decoder::{Forward, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
+pub use device::{DeviceChoice, DeviceKind, DtypeChoice};
 pub use hub::DownloadProgress;
 pub use tokenizer::TextTokenizer;
-pub use transformer::{Cone, Forward, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
 
 use crate::error::{Error, Result, candle_text};
 
@@ -107,71 +112,6 @@ impl ModelSource {
     }
 }
 
-/// Which device runs the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum DeviceChoice {
-    /// The CPU, f32.
-    #[default]
-    Cpu,
-    /// An NVIDIA GPU by ordinal (needs the `cuda` feature).
-    Cuda(usize),
-}
-
-impl DeviceChoice {
-    /// Parses "cpu", "cuda" or "cuda:N".
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| Error::Input(format!("unknown device '{s}': use cpu, cuda or cuda:N"))),
-        }
-    }
-
-    /// Opens the device, explaining why CUDA is unavailable when it is.
-    pub fn open(self) -> Result<Device> {
-        match self {
-            DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Cuda(ordinal) => {
-                if !candle_core::utils::cuda_is_available() {
-                    return Err(Error::Device(
-                        "CUDA was asked for, but this build of Patchbay has no CUDA support: rebuild with \
-                         `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
-                            .into(),
-                    ));
-                }
-                Device::new_cuda(ordinal).map_err(|e| {
-                    Error::Device(format!(
-                        "cannot open CUDA device {ordinal} ({}); use --device cpu",
-                        candle_text(&e)
-                    ))
-                })
-            }
-        }
-    }
-
-    /// The dtype used unless the user picks one: f32 on CPU (no fast bf16 matmul there), bf16 on GPU.
-    pub fn default_dtype(self) -> DType {
-        match self {
-            DeviceChoice::Cpu => DType::F32,
-            DeviceChoice::Cuda(_) => DType::BF16,
-        }
-    }
-}
-
-/// Parses a dtype name: f32, f16, bf16.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" | "half" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::Input(format!("unknown dtype '{other}': use f32, f16 or bf16"))),
-    }
-}
-
 /// Progress of a model load, for status lines.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoadProgress {
@@ -196,15 +136,15 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a model on `device` in `dtype` (the device's default when `None`).
+    /// Loads a model on `device` in `dtype` ([`DtypeChoice::Auto`]: the device's default).
     pub fn load(
         source: &ModelSource,
         device: DeviceChoice,
-        dtype: Option<DType>,
+        dtype: DtypeChoice,
         on_progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
         let dev = device.open()?;
-        let dtype = dtype.unwrap_or(device.default_dtype());
+        let dtype = dtype.resolve(device);
         if dev.is_cpu() && dtype == DType::F16 {
             return Err(Error::Input(
                 "f16 is not supported on the CPU: use f32 (or bf16)".into(),
@@ -242,18 +182,14 @@ impl Model {
         })
     }
 
-    /// The dtype of activations, as a short name ("f32").
-    pub fn dtype_name(&self) -> String {
-        format!("{:?}", self.transformer.dtype()).to_ascii_lowercase()
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.transformer.dtype()
     }
 
-    /// The device, as a short name ("cpu", "cuda:0").
-    pub fn device_name(&self) -> String {
-        match self.transformer.device() {
-            Device::Cpu => "cpu".into(),
-            Device::Cuda(_) => "cuda".into(),
-            Device::Metal(_) => "metal".into(),
-        }
+    /// The kind of device the model runs on.
+    pub fn device_kind(&self) -> DeviceKind {
+        DeviceKind::of(self.transformer.device())
     }
 }
 
@@ -286,7 +222,7 @@ fn load_folder(dir: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnM
 /// Attaches the file's path to errors that come from its contents (missing tensors, bad metadata).
 fn in_file(err: Error, path: &Path) -> Error {
     match err {
-        Error::Input(msg) => Error::model_file(msg, path),
+        Error::ModelConfig(msg) => Error::model_file(msg, path),
         Error::Candle(e) => Error::model_file(
             format!("weights do not match the architecture ({})", candle_text(&e)),
             path,

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ArchConfig, Family, RopeScaling};
+use super::decoder::Transformer;
 use super::tokenizer::TextTokenizer;
-use super::transformer::Transformer;
 use crate::error::{Error, Result};
 
 /// The shapes [`build`] knows, by the name used on the command line.

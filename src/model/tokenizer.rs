@@ -109,7 +109,9 @@ impl TextTokenizer {
             .filter(|(_, t)| **t == GGUF_TOKEN_CONTROL || **t == GGUF_TOKEN_USER_DEFINED)
             .map(|(s, _)| AddedToken::from(s.clone(), true))
             .collect();
-        inner.add_special_tokens(&specials);
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())

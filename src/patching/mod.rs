@@ -1,17 +1,27 @@
 //! Activation patching: what can be patched, the metric, sweeps over layers × positions, results.
 
+pub mod logits;
 pub mod metric;
+pub mod progress;
+pub mod request;
 pub mod result;
+pub mod schedule;
 pub mod sweep;
+
+pub use progress::{Progress, SweepEvent};
+pub use request::{SweepRequest, TokenSweepRequest, ValidRequest};
+pub use result::{Cell, SweepResult, TopToken};
+pub use schedule::Schedule;
+pub use sweep::{Sweep, SweepOptions};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
 use crate::model::Site;
 
 /// The activation a sweep patches, named as in TransformerLens' `get_act_patch_*` functions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Component {
     /// The residual stream after layer L (the decoder layer's output): what the seed notebook patches.
     #[default]
@@ -41,17 +51,6 @@ impl Component {
             Component::AttnOut => "attn_out",
             Component::MlpOut => "mlp_out",
         }
-    }
-
-    /// Parses a component name ("resid_post", …).
-    pub fn parse(s: &str) -> Result<Self> {
-        Component::ALL
-            .into_iter()
-            .find(|c| c.name() == s.trim())
-            .ok_or_else(|| {
-                let names: Vec<&str> = Component::ALL.iter().map(|c| c.name()).collect();
-                Error::Input(format!("unknown component '{s}': use one of {}", names.join(", ")))
-            })
     }
 
     /// The forward-pass site this component reads and writes.

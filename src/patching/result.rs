@@ -4,6 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::Component;
+use super::metric::normalized;
+use super::request::ValidRequest;
+use super::schedule::Schedule;
+use crate::model::Model;
 
 /// Identifies the JSON layout, so notebooks can check what they load.
 pub const FORMAT: &str = "patchbay.sweep.v1";
@@ -50,11 +54,37 @@ pub struct ModelRecord {
     pub device: String,
 }
 
+impl ModelRecord {
+    /// The record of a loaded model.
+    pub fn of(model: &Model) -> Self {
+        let cfg = &model.config;
+        Self {
+            id: model.source.display_name(),
+            architecture: cfg.family.hf_class().to_owned(),
+            num_layers: cfg.num_layers,
+            hidden_size: cfg.hidden_size,
+            dtype: model.dtype().as_str().to_owned(),
+            device: model.device_kind().name().to_owned(),
+        }
+    }
+}
+
+/// One unpatched run at the last position, as a result records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Baseline {
+    /// logit[correct] − logit[incorrect].
+    pub logit_diff: f64,
+    /// The logits of [correct, incorrect].
+    pub answer_logits: [f32; 2],
+    /// The most likely next tokens.
+    pub top_k: Vec<TopToken>,
+}
+
 /// How long things took.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timing {
     /// Which schedule computed the cells ("naive" or "fast").
-    pub schedule: String,
+    pub schedule: Schedule,
     /// Seconds loading the model (download excluded), when known.
     pub load_seconds: Option<f64>,
     /// Seconds for the clean and corrupted runs.
@@ -152,6 +182,58 @@ pub struct Cell {
 }
 
 impl SweepResult {
+    /// The result of a sweep over `layers` × the prompts' positions before any cell is done: the
+    /// request's prompts and answers and the clean and corrupted baselines.
+    pub fn new(
+        model: ModelRecord,
+        request: ValidRequest,
+        [clean, corrupted]: [Baseline; 2],
+        layers: usize,
+        load_seconds: Option<f64>,
+    ) -> Self {
+        let seq = request.clean.token_ids.len();
+        let mut warnings = Vec::new();
+        if normalized(0.0, clean.logit_diff, corrupted.logit_diff).is_none() {
+            warnings.push(format!(
+                "the clean and corrupted logit differences are equal ({:.6}), so the normalized metric is \
+                 undefined: `values` are null; `patched_logit_diff` holds the raw numbers",
+                clean.logit_diff
+            ));
+        }
+        Self {
+            format: FORMAT.to_owned(),
+            model,
+            component: request.component,
+            metric: "normalized_logit_diff".to_owned(),
+            metric_definition: "(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted), \
+                LD = logit[correct] - logit[incorrect] at the last position"
+                .to_owned(),
+            clean: request.clean,
+            corrupted: request.corrupted,
+            correct: request.correct,
+            incorrect: request.incorrect,
+            clean_logit_diff: clean.logit_diff,
+            corrupted_logit_diff: corrupted.logit_diff,
+            clean_top_k: clean.top_k,
+            corrupted_top_k: corrupted.top_k,
+            clean_answer_logits: clean.answer_logits,
+            corrupted_answer_logits: corrupted.answer_logits,
+            shape: [layers, seq],
+            values: vec![vec![None; seq]; layers],
+            patched_logit_diff: vec![vec![None; seq]; layers],
+            skipped: vec![vec![false; seq]; layers],
+            top_k: vec![vec![Vec::new(); seq]; layers],
+            answer_logits: vec![vec![None; seq]; layers],
+            complete: false,
+            error: None,
+            warnings,
+            timing: Timing {
+                load_seconds,
+                ..Timing::default()
+            },
+        }
+    }
+
     /// Number of layers (rows).
     pub fn layers(&self) -> usize {
         self.shape[0]
@@ -177,13 +259,73 @@ impl SweepResult {
         self.patched_logit_diff.iter().flatten().filter(|v| v.is_some()).count()
     }
 
-    /// Position labels as researchers write them: the token text with its index (" John_1" → "John_1").
+    /// Position labels as researchers write them: the token text with its index (" John_1" →
+    /// "John_1"); where the prompts' tokens differ, both ("Mary/John_9"). Every view of a result
+    /// (heatmap axis, figure ticks, text table) uses these.
     pub fn position_labels(&self) -> Vec<String> {
         self.clean
             .tokens
             .iter()
+            .zip(&self.corrupted.tokens)
             .enumerate()
-            .map(|(i, t)| format!("{}_{i}", t.trim()))
+            .map(|(i, (c, k))| {
+                if c == k {
+                    format!("{}_{i}", c.trim())
+                } else {
+                    format!("{}/{}_{i}", c.trim(), k.trim())
+                }
+            })
             .collect()
+    }
+}
+
+#[cfg(test)]
+impl SweepResult {
+    /// A result with no cells, `layers × positions`, its prompts' tokens "t0", "t1", ….
+    pub(crate) fn empty_for_tests(layers: usize, positions: usize) -> Self {
+        let prompt = PromptRecord {
+            text: String::new(),
+            token_ids: (0..positions as u32).collect(),
+            tokens: (0..positions).map(|p| format!("t{p}")).collect(),
+        };
+        let answer = |id| AnswerRecord {
+            text: format!("a{id}"),
+            token_id: id,
+            token: format!("a{id}"),
+        };
+        let baseline = |logit_diff| Baseline {
+            logit_diff,
+            answer_logits: [logit_diff as f32, 0.0],
+            top_k: Vec::new(),
+        };
+        let request = ValidRequest {
+            clean: prompt.clone(),
+            corrupted: prompt,
+            correct: answer(0),
+            incorrect: answer(1),
+            component: Component::ResidPost,
+        };
+        let model = ModelRecord {
+            id: "test".into(),
+            architecture: "LlamaForCausalLM".into(),
+            num_layers: layers,
+            hidden_size: 8,
+            dtype: "f32".into(),
+            device: "cpu".into(),
+        };
+        Self::new(model, request, [baseline(1.0), baseline(0.0)], layers, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_labels_name_the_token_and_both_where_the_prompts_differ() {
+        let mut r = SweepResult::empty_for_tests(1, 3);
+        r.clean.tokens = vec!["After".into(), " Mary".into(), " to".into()];
+        r.corrupted.tokens = vec!["After".into(), " John".into(), " to".into()];
+        assert_eq!(r.position_labels(), ["After_0", "Mary/John_1", "to_2"]);
     }
 }

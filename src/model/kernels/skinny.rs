@@ -6,29 +6,63 @@
 //! copies each weight matrix into its packed layout, which costs as much again. This kernel reads
 //! every weight row once, straight from the checkpoint's `[out, in]` layout, against all rows of
 //! `x` (which stay in cache), with AVX2/FMA on x86-64 CPUs that have them (checked at run time),
-//! and asks for the next weight rows while it works on the current ones (a 2-core EPYC spent ~40%
-//! of a 32-row product waiting on memory without that).
+//! and asks for the next weight rows while it works on the current ones (without that, much of a
+//! 32-row product is spent waiting on memory).
 //! Elsewhere, and for many rows, [`linear`] uses candle's matmul.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::Linear;
 
 use crate::error::Result;
 
-/// Up to this many rows go through the kernel; more take candle's gemm. Measured on a 2-core Zen 3,
-/// kernel vs gemm: 2–9× faster at 2–8 rows, 1.4–2.4× at 16, 0.9–1.7× at 32 (SmolLM2's smaller
-/// matrices about even, Qwen3-0.6B's 1.6×), slower from ~48 rows. A baseline forward is 2 × seq
+/// Up to this many rows go through the kernel; more take candle's gemm, which overtakes it a little
+/// above this (docs/BENCHMARKS.md, "Measurements behind the code"). A baseline forward is 2 × seq
 /// rows, so prompts of up to 16 tokens take the kernel.
 pub const MAX_ROWS: usize = 32;
 
-/// A linear layer applied to `x` (`[.., in]`): the skinny kernel when it applies, else candle's.
-///
-/// Debug builds (the test suite) always take candle's matmul: unoptimized, the kernel is far slower
-/// than candle's gemm (which is compiled optimized even there). The kernel's own tests below check
-/// it against candle's matmul; in release, `patchbay bench` compares the naive schedule (kernel) with
-/// the fast one (mostly gemm) on every cell.
+/// When [`linear`] may take the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelUse {
+    /// Release builds take it, debug builds (the test suite by default) do not: unoptimized, the
+    /// kernel is far slower than candle's gemm, which is compiled optimized even there.
+    Default,
+    /// Wherever it applies, in any build: what the tests of the release path ask for.
+    Always,
+    /// Never: candle's matmul only.
+    Never,
+}
+
+static KERNEL_USE: AtomicU8 = AtomicU8::new(0);
+static KERNEL_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets when [`linear`] takes the kernel, for the whole process.
+pub fn set_kernel_use(policy: KernelUse) {
+    let code = match policy {
+        KernelUse::Default => 0,
+        KernelUse::Always => 1,
+        KernelUse::Never => 2,
+    };
+    KERNEL_USE.store(code, Ordering::Relaxed);
+}
+
+/// How many products the kernel has computed in this process (tests check the path they mean to
+/// exercise was taken).
+pub fn kernel_calls() -> usize {
+    KERNEL_CALLS.load(Ordering::Relaxed)
+}
+
+/// A linear layer applied to `x` (`[.., in]`): the skinny kernel when it applies (and
+/// [`KernelUse`] allows it), else candle's. The kernel's own tests below check it against candle's
+/// matmul; tests/release_kernels.rs runs whole sweeps through it against HF transformers' numbers.
 pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    linear_with(layer, x, cfg!(not(debug_assertions)))
+    let allow = match KERNEL_USE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => cfg!(not(debug_assertions)),
+    };
+    linear_with(layer, x, allow)
 }
 
 /// [`linear`], with the kernel allowed or not.
@@ -52,6 +86,7 @@ fn linear_with(layer: &Linear, x: &Tensor, allow_kernel: bool) -> Result<Tensor>
         *last = n;
     }
     let x2 = x.reshape((rows, k))?;
+    KERNEL_CALLS.fetch_add(1, Ordering::Relaxed);
     let y = x2.apply_op2_no_bwd(w, &SkinnyMatmul)?;
     let y = match layer.bias() {
         Some(b) => y.broadcast_add(b)?,

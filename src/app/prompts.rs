@@ -1,0 +1,370 @@
+//! The prompts panel: a teaching preset, the clean and corrupted prompt editors with their tokens
+//! as chips, the answer pickers, the component, Run / Cancel and saving.
+
+use std::sync::Arc;
+
+use egui::{Color32, RichText, Ui};
+
+use super::presets::presets;
+use super::{DIFF_FILL, ERROR_TEXT, OK_TEXT, PatchbayApp};
+use crate::model::TextTokenizer;
+use crate::patching::Component;
+
+/// Suggested answers shown from the clean and corrupted runs' top predictions.
+const SUGGESTIONS: usize = 5;
+
+impl PatchbayApp {
+    /// The whole left panel, top to bottom.
+    pub(super) fn prompt_panel(&mut self, ui: &mut Ui) {
+        self.preset_picker(ui);
+        let tokenizer = self.model.as_ref().map(|m| m.tokenizer.clone());
+        let mismatch = self.prompt_editors(ui, tokenizer.as_ref());
+        ui.add_space(6.0);
+        let answers_ok = self.answer_pickers(ui, tokenizer.as_ref());
+        ui.add_space(6.0);
+        egui::ComboBox::from_label("Component")
+            .selected_text(self.settings.component.name())
+            .show_ui(ui, |ui| {
+                for c in Component::ALL {
+                    ui.selectable_value(&mut self.settings.component, c, c.name());
+                }
+            });
+        ui.add_space(6.0);
+        self.run_controls(ui, mismatch, answers_ok);
+        ui.add_space(6.0);
+        self.output_controls(ui);
+    }
+
+    /// The teaching presets, and the chosen one's note on what to look for.
+    fn preset_picker(&mut self, ui: &mut Ui) {
+        egui::ComboBox::from_label("Preset")
+            .selected_text(self.settings.preset.clone().unwrap_or_else(|| "custom".into()))
+            .width(260.0)
+            .show_ui(ui, |ui| {
+                for p in presets() {
+                    if ui
+                        .selectable_label(self.settings.preset.as_deref() == Some(p.name.as_str()), &p.name)
+                        .clicked()
+                    {
+                        self.settings.apply_preset(p);
+                    }
+                }
+            });
+        if let Some(p) = presets()
+            .iter()
+            .find(|p| Some(&p.name) == self.settings.preset.as_ref())
+        {
+            egui::CollapsingHeader::new("What to look for")
+                .default_open(true)
+                .show(ui, |ui| ui.label(RichText::new(&p.explanation).small()));
+        }
+    }
+
+    /// The clean and corrupted prompt editors, each with its tokens as chips once a model is
+    /// loaded. Returns whether the prompts' token counts differ (flagged here, before Run).
+    fn prompt_editors(&mut self, ui: &mut Ui, tokenizer: Option<&Arc<TextTokenizer>>) -> bool {
+        let before = (self.settings.clean.clone(), self.settings.corrupted.clone());
+
+        ui.add_space(4.0);
+        let label = ui.label(RichText::new("Clean prompt").strong());
+        ui.add(
+            egui::TextEdit::multiline(&mut self.settings.clean)
+                .desired_rows(2)
+                .desired_width(ui.available_width())
+                .id_salt("clean"),
+        )
+        .labelled_by(label.id);
+        if let Some(t) = tokenizer {
+            self.clean_tokens.update(&self.settings.clean, t, true);
+            self.corrupted_tokens.update(&self.settings.corrupted, t, true);
+            token_chips(ui, &self.clean_tokens, &self.corrupted_tokens);
+        }
+        ui.add_space(4.0);
+        let label = ui.label(RichText::new("Corrupted prompt").strong());
+        ui.add(
+            egui::TextEdit::multiline(&mut self.settings.corrupted)
+                .desired_rows(2)
+                .desired_width(ui.available_width())
+                .id_salt("corrupted"),
+        )
+        .labelled_by(label.id);
+        if let Some(t) = tokenizer {
+            self.corrupted_tokens.update(&self.settings.corrupted, t, true);
+            token_chips(ui, &self.corrupted_tokens, &self.clean_tokens);
+        }
+        if (self.settings.clean.clone(), self.settings.corrupted.clone()) != before {
+            self.settings.preset = None;
+        }
+        let mismatch = tokenizer.is_some()
+            && !self.clean_tokens.ids.is_empty()
+            && !self.corrupted_tokens.ids.is_empty()
+            && self.clean_tokens.ids.len() != self.corrupted_tokens.ids.len();
+        if mismatch {
+            ui.label(
+                RichText::new(format!(
+                    "Token counts differ: clean {} vs corrupted {}. Patching compares positions one to one, so edit the prompts until they match.",
+                    self.clean_tokens.ids.len(),
+                    self.corrupted_tokens.ids.len()
+                ))
+                .color(ERROR_TEXT),
+            );
+        }
+        mismatch
+    }
+
+    /// The correct and incorrect answers, each checked to be one token, with the clean and
+    /// corrupted runs' top predictions one click away. Returns whether both are single tokens.
+    fn answer_pickers(&mut self, ui: &mut Ui, tokenizer: Option<&Arc<TextTokenizer>>) -> bool {
+        let suggestions = self
+            .sweep
+            .as_ref()
+            .map(|s| (s.result.clean_top_k.clone(), s.result.corrupted_top_k.clone()));
+        let mut answers_ok = true;
+        egui::Grid::new("answers").num_columns(2).show(ui, |ui| {
+            for (label, correct) in [("Correct answer", true), ("Incorrect answer", false)] {
+                let label_id = ui.label(label).id;
+                ui.vertical(|ui| {
+                    let field = if correct {
+                        &mut self.settings.correct
+                    } else {
+                        &mut self.settings.incorrect
+                    };
+                    ui.add(egui::TextEdit::singleline(field).desired_width(120.0).id_salt(label))
+                        .labelled_by(label_id);
+                    if let Some(t) = tokenizer {
+                        let tokens = if correct {
+                            &mut self.correct_tokens
+                        } else {
+                            &mut self.incorrect_tokens
+                        };
+                        tokens.update(field, t, false);
+                        answers_ok &= answer_status(ui, tokens);
+                    }
+                    if let Some((clean_top, corrupted_top)) = &suggestions {
+                        let top = if correct { clean_top } else { corrupted_top };
+                        ui.horizontal_wrapped(|ui| {
+                            ui.label(
+                                RichText::new(if correct {
+                                    "clean run's top:"
+                                } else {
+                                    "corrupted run's top:"
+                                })
+                                .small(),
+                            );
+                            for t in top.iter().take(SUGGESTIONS) {
+                                if ui
+                                    .small_button(format!("{:?}", t.token))
+                                    .on_hover_text(format!("p = {:.3}", t.prob))
+                                    .clicked()
+                                {
+                                    let field = if correct {
+                                        &mut self.settings.correct
+                                    } else {
+                                        &mut self.settings.incorrect
+                                    };
+                                    *field = t.token.clone();
+                                }
+                            }
+                        });
+                    }
+                });
+                ui.end_row();
+            }
+        });
+        answers_ok
+    }
+
+    /// Run (enabled once the inputs can be swept, else saying why) and Cancel.
+    fn run_controls(&mut self, ui: &mut Ui, mismatch: bool, answers_ok: bool) {
+        ui.horizontal(|ui| {
+            let ready = self.model.is_some() && self.loading.is_none();
+            let reason = if !ready {
+                Some("load a model first")
+            } else if mismatch {
+                Some("the prompts must have the same number of tokens")
+            } else if !answers_ok {
+                Some("each answer must be exactly one token")
+            } else {
+                None
+            };
+            let run = ui.add_enabled(reason.is_none(), egui::Button::new(RichText::new("Run").strong()));
+            let run = match reason {
+                Some(r) => run.on_disabled_hover_text(r),
+                None => run.on_hover_text("Patch every layer × position (a running sweep is cancelled)"),
+            };
+            if run.clicked() {
+                self.run_sweep();
+            }
+            if ui
+                .add_enabled(self.sweep_running(), egui::Button::new("Cancel"))
+                .clicked()
+            {
+                self.cancel();
+            }
+        });
+        if let Some(err) = &self.sweep_error {
+            ui.label(RichText::new(err.as_str()).color(ERROR_TEXT));
+        }
+    }
+
+    /// Save figure…, Export data…, the colour range and the last save's message.
+    fn output_controls(&mut self, ui: &mut Ui) {
+        ui.horizontal(|ui| {
+            let has = self.sweep.is_some();
+            if ui
+                .add_enabled(has, egui::Button::new("Save figure…"))
+                .on_hover_text("PNG or SVG, drawn from the data")
+                .clicked()
+            {
+                self.save_dialog(true);
+            }
+            if ui
+                .add_enabled(has, egui::Button::new("Export data…"))
+                .on_hover_text("JSON, CSV or NPY (as the CLI writes)")
+                .clicked()
+            {
+                self.save_dialog(false);
+            }
+        });
+        if ui
+            .checkbox(&mut self.settings.auto_range, "colour range from data")
+            .changed()
+        {
+            self.heatmap.auto_range = self.settings.auto_range;
+            self.heatmap.mark_dirty();
+        }
+        if let Some((msg, is_error)) = &self.message {
+            ui.label(RichText::new(msg).color(if *is_error { ERROR_TEXT } else { OK_TEXT }));
+        }
+    }
+}
+
+/// A prompt's tokens, recomputed when the text or the tokenizer changes.
+#[derive(Default)]
+pub(super) struct Tokens {
+    text: String,
+    tokenizer: usize,
+    ids: Vec<u32>,
+    tokens: Vec<String>,
+    error: Option<String>,
+}
+
+impl Tokens {
+    pub(super) fn update(&mut self, text: &str, tokenizer: &Arc<TextTokenizer>, prompt: bool) {
+        let key = Arc::as_ptr(tokenizer) as usize;
+        if self.text == text && self.tokenizer == key {
+            return;
+        }
+        self.text = text.to_owned();
+        self.tokenizer = key;
+        let ids = if prompt {
+            tokenizer.encode_prompt(text)
+        } else {
+            tokenizer.encode_plain(text)
+        };
+        match ids {
+            Ok(ids) => {
+                self.tokens = tokenizer.token_texts(&ids);
+                self.ids = ids;
+                self.error = None;
+            }
+            Err(e) => {
+                self.ids.clear();
+                self.tokens.clear();
+                self.error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// Shows whitespace so tokens like " John" and "\n" are readable on a chip.
+fn visible(token: &str) -> String {
+    token.replace(' ', "·").replace('\n', "↵").replace('\t', "⇥")
+}
+
+fn token_chips(ui: &mut Ui, tokens: &Tokens, other: &Tokens) {
+    if let Some(e) = &tokens.error {
+        ui.label(RichText::new(e).color(ERROR_TEXT));
+        return;
+    }
+    ui.horizontal_wrapped(|ui| {
+        ui.spacing_mut().item_spacing = egui::vec2(3.0, 3.0);
+        for (i, (id, text)) in tokens.ids.iter().zip(&tokens.tokens).enumerate() {
+            let differs = other.ids.get(i).is_some_and(|o| o != id)
+                || (other.ids.len() != tokens.ids.len() && i >= other.ids.len());
+            let fill = if differs {
+                DIFF_FILL
+            } else {
+                ui.visuals().faint_bg_color
+            };
+            // One label per chip, so the wrapped row moves whole chips to the next line.
+            let mut job = egui::text::LayoutJob::default();
+            let weak = if differs {
+                Color32::BLACK
+            } else {
+                ui.visuals().weak_text_color()
+            };
+            let strong = ui.visuals().strong_text_color();
+            job.append(
+                &format!("{i}"),
+                0.0,
+                egui::TextFormat {
+                    font_id: egui::FontId::proportional(9.0),
+                    color: weak,
+                    background: fill,
+                    valign: egui::Align::Center,
+                    ..Default::default()
+                },
+            );
+            job.append(
+                &visible(text),
+                2.0,
+                egui::TextFormat {
+                    font_id: egui::FontId::monospace(13.0),
+                    color: strong,
+                    background: fill,
+                    ..Default::default()
+                },
+            );
+            ui.add(egui::Label::new(job).extend()).on_hover_text(format!(
+                "position {i}, token id {id}{}",
+                if differs { " (differs)" } else { "" }
+            ));
+        }
+    });
+}
+
+/// Shows whether an answer is one token; returns true when it is.
+fn answer_status(ui: &mut Ui, tokens: &Tokens) -> bool {
+    if let Some(e) = &tokens.error {
+        ui.label(RichText::new(e).color(ERROR_TEXT).small());
+        return false;
+    }
+    match tokens.ids.as_slice() {
+        [id] => {
+            ui.label(
+                RichText::new(format!("one token: {:?} = {id}", tokens.tokens[0]))
+                    .color(OK_TEXT)
+                    .small(),
+            );
+            true
+        }
+        [] => {
+            ui.label(RichText::new("empty: give one token").color(ERROR_TEXT).small());
+            false
+        }
+        ids => {
+            let parts: Vec<String> = tokens.tokens.iter().map(|t| format!("{t:?}")).collect();
+            ui.label(
+                RichText::new(format!(
+                    "{} tokens ({}): answers must be one token",
+                    ids.len(),
+                    parts.join(" + ")
+                ))
+                .color(ERROR_TEXT)
+                .small(),
+            );
+            false
+        }
+    }
+}

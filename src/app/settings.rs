@@ -1,0 +1,123 @@
+//! What the app remembers between runs, and what the command line may set instead at start.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::presets::{Preset, presets};
+use crate::model::{DEFAULT_MODEL, DeviceChoice, DtypeChoice};
+use crate::patching::Component;
+
+/// How many recently used models the picker remembers.
+const RECENT_MODELS: usize = 8;
+
+/// What persists between runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub model: String,
+    pub recent_models: Vec<String>,
+    pub device: DeviceChoice,
+    pub dtype: DtypeChoice,
+    pub clean: String,
+    pub corrupted: String,
+    pub correct: String,
+    pub incorrect: String,
+    pub component: Component,
+    pub preset: Option<String>,
+    pub auto_range: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let mut s = Self {
+            model: DEFAULT_MODEL.to_owned(),
+            recent_models: Vec::new(),
+            device: DeviceChoice::Cpu,
+            dtype: DtypeChoice::Auto,
+            clean: String::new(),
+            corrupted: String::new(),
+            correct: String::new(),
+            incorrect: String::new(),
+            component: Component::ResidPost,
+            preset: None,
+            auto_range: false,
+        };
+        if let Some(p) = presets().first() {
+            s.apply_preset(p);
+        }
+        s
+    }
+}
+
+impl Settings {
+    pub(super) fn apply_preset(&mut self, p: &Preset) {
+        self.clean = p.clean.clone();
+        self.corrupted = p.corrupted.clone();
+        self.correct = p.correct.clone();
+        self.incorrect = p.incorrect.clone();
+        self.component = p.component;
+        self.preset = Some(p.name.clone());
+    }
+
+    pub(super) fn remember_model(&mut self, spec: &str) {
+        self.recent_models.retain(|m| m != spec);
+        self.recent_models.insert(0, spec.to_owned());
+        self.recent_models.truncate(RECENT_MODELS);
+    }
+}
+
+/// How the app starts (command line and tests).
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Load this model instead of the remembered one.
+    pub model: Option<String>,
+    /// The demo model to offer when the chosen one cannot be loaded.
+    pub demo_model: Option<PathBuf>,
+    /// Ignore remembered settings (tests).
+    pub fresh: bool,
+    /// Start a sweep as soon as the model has loaded (demos, screenshots).
+    pub run_on_load: bool,
+    /// Settings given on the command line, over the remembered ones.
+    pub overrides: Overrides,
+}
+
+/// Settings to start with instead of the remembered ones (`patchbay gui --clean … --device …`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub clean: Option<String>,
+    pub corrupted: Option<String>,
+    pub correct: Option<String>,
+    pub incorrect: Option<String>,
+    pub component: Option<Component>,
+    pub device: Option<DeviceChoice>,
+    pub dtype: Option<DtypeChoice>,
+}
+
+impl Overrides {
+    pub(super) fn apply(self, settings: &mut Settings) {
+        let prompts_given = self.clean.is_some() || self.corrupted.is_some();
+        let set = |field: &mut String, value: Option<String>| {
+            if let Some(v) = value {
+                *field = v;
+            }
+        };
+        set(&mut settings.clean, self.clean);
+        set(&mut settings.corrupted, self.corrupted);
+        set(&mut settings.correct, self.correct);
+        set(&mut settings.incorrect, self.incorrect);
+        if let Some(d) = self.dtype {
+            settings.dtype = d;
+        }
+        if let Some(c) = self.component {
+            settings.component = c;
+        }
+        if let Some(d) = self.device {
+            settings.device = d;
+        }
+        if prompts_given {
+            // The prompts are the user's own now, not the preset's.
+            settings.preset = None;
+        }
+    }
+}

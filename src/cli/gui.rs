@@ -1,0 +1,82 @@
+//! `patchbay gui`: the desktop app, optionally started on given prompts, model and device.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use patchbay::app::{Overrides, PatchbayApp, StartOptions};
+use patchbay::model::{DeviceChoice, DtypeChoice};
+use patchbay::patching::Component;
+use patchbay::{Error, Result};
+
+/// `patchbay gui`.
+#[derive(Debug, Args, Default)]
+pub struct GuiArgs {
+    /// Load this model at start (a Hub repo id, a folder or a .gguf file) instead of the last one used.
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// The demo model offered when the chosen one cannot be loaded (default: the fetched SmolLM2 GGUF).
+    #[arg(long)]
+    pub demo_model: Option<PathBuf>,
+    /// Run a sweep with the current prompts as soon as the model has loaded.
+    #[arg(long)]
+    pub run: bool,
+    /// Start with this clean prompt (else the one used last).
+    #[arg(long)]
+    pub clean: Option<String>,
+    /// Start with this corrupted prompt.
+    #[arg(long)]
+    pub corrupted: Option<String>,
+    /// Start with this correct answer (e.g. " John").
+    #[arg(long)]
+    pub correct: Option<String>,
+    /// Start with this incorrect answer (e.g. " Mary").
+    #[arg(long)]
+    pub incorrect: Option<String>,
+    /// The activation to patch.
+    #[arg(long, value_enum)]
+    pub component: Option<Component>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<DeviceChoice>,
+    /// Precision (auto: f32 on CPU, bf16 on CUDA).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeChoice>,
+}
+
+/// Opens the desktop app; returns when its window closes.
+pub fn run(args: GuiArgs) -> Result<()> {
+    let start = StartOptions {
+        model: args.model,
+        demo_model: args.demo_model,
+        fresh: false,
+        run_on_load: args.run,
+        overrides: Overrides {
+            clean: args.clean,
+            corrupted: args.corrupted,
+            correct: args.correct,
+            incorrect: args.incorrect,
+            component: args.component,
+            device: args.device,
+            dtype: args.dtype,
+        },
+    };
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Patchbay")
+            .with_app_id("patchbay")
+            .with_inner_size([1400.0, 860.0])
+            .with_min_inner_size([900.0, 560.0]),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "Patchbay",
+        options,
+        Box::new(move |cc| Ok(Box::new(PatchbayApp::new(cc, start)))),
+    )
+    .map_err(|e| {
+        Error::Device(format!(
+            "cannot open the window ({e}); is a display available (DISPLAY / WAYLAND_DISPLAY)?"
+        ))
+    })
+}

@@ -1,0 +1,377 @@
+//! `patchbay sweep`: one component over every layer × position, printed as text and written as
+//! JSON, CSV, NPY and figures. Ctrl-C keeps the cells computed so far.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{ModelArgs, load_model};
+use patchbay::export::{self, Format};
+use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_TOP_K};
+use patchbay::patching::{Component, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult};
+use patchbay::{Error, Result};
+
+/// `patchbay sweep`.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The clean prompt.
+    #[arg(long)]
+    pub clean: String,
+    /// The corrupted prompt (same number of tokens).
+    #[arg(long)]
+    pub corrupted: String,
+    /// The answer the clean prompt should give (one token, e.g. " John").
+    #[arg(long)]
+    pub correct: String,
+    /// The answer the corrupted prompt gives (one token, e.g. " Mary").
+    #[arg(long)]
+    pub incorrect: String,
+    /// The activation to patch.
+    #[arg(long, value_enum, default_value_t = Component::ResidPost)]
+    pub component: Component,
+    /// How cells are computed: fast (causal cones, many cells per forward) or naive (one full
+    /// forward per cell, the baseline).
+    #[arg(long, value_enum, default_value_t = Schedule::Fast)]
+    pub schedule: Schedule,
+    /// Next-token candidates kept per cell.
+    #[arg(long, default_value_t = DEFAULT_TOP_K)]
+    pub top_k: usize,
+    /// Naive schedule: cells per batched forward (1 = one forward per cell, like a notebook loop).
+    #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
+    pub batch: usize,
+    /// Write the full results as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write one CSV row per cell.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Write the normalized matrix as .npy (layers × positions, float64).
+    #[arg(long)]
+    pub npy: Option<PathBuf>,
+    /// Save the heatmap figure as PNG.
+    #[arg(long)]
+    pub png: Option<PathBuf>,
+    /// Save the heatmap figure as SVG.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl SweepArgs {
+    /// The outputs asked for, each with its format, in the order they are written.
+    fn outputs(&self) -> Vec<(&Path, Format)> {
+        [
+            (&self.out, Format::Json),
+            (&self.csv, Format::Csv),
+            (&self.npy, Format::Npy),
+            (&self.png, Format::Png),
+            (&self.svg, Format::Svg),
+        ]
+        .into_iter()
+        .filter_map(|(path, format)| Some((path.as_deref()?, format)))
+        .collect()
+    }
+}
+
+/// Set by the first Ctrl-C: the sweep stops within a layer's time and what it computed is written
+/// as usual.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn run(args: SweepArgs) -> Result<()> {
+    let request = SweepRequest {
+        clean: args.clean.clone(),
+        corrupted: args.corrupted.clone(),
+        correct: args.correct.clone(),
+        incorrect: args.incorrect.clone(),
+        component: args.component,
+    };
+    let options = SweepOptions {
+        schedule: args.schedule,
+        top_k: args.top_k,
+        batch_cells: args.batch,
+        ..SweepOptions::default()
+    };
+    for (path, _) in args.outputs() {
+        check_writable(path)?;
+    }
+    let model = load_model(&args.model, args.quiet)?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "model     {} ({}, {} on {}, loaded in {:.2} s)",
+        model.source.display_name(),
+        model.config.summary(),
+        model.dtype().as_str(),
+        model.device_kind(),
+        model.load_seconds
+    );
+    // From here on, Ctrl-C keeps what is computed (a model still loading just quits).
+    stop_on_interrupt();
+    let prepared = Sweep::prepare(&model, &request, options.top_k)?;
+    print_baselines(&mut out, prepared.result());
+    let mut bar = CellsBar::new(prepared.result(), prepared.progress(&options), args.quiet);
+    let result = prepared.run_observed(&options, &INTERRUPTED, &mut |event| bar.observe(event))?;
+    bar.finish();
+    let _ = write!(out, "{}", text_heatmap(&result));
+    let t = &result.timing;
+    let _ = writeln!(
+        out,
+        "timing    {} cells computed, {} skipped, sweep {:.2} s ({} schedule), load {:.2} s",
+        t.cells_computed,
+        t.cells_skipped,
+        t.sweep_seconds,
+        t.schedule,
+        t.load_seconds.unwrap_or_default()
+    );
+    let outcome = write_outputs(&result, &args.outputs());
+    for p in &outcome.written {
+        let _ = writeln!(out, "wrote     {p}");
+    }
+    finish(&result, outcome)
+}
+
+/// The clean and corrupted runs, the answers and any warnings, before the cells.
+fn print_baselines(out: &mut impl Write, r: &SweepResult) {
+    let _ = writeln!(
+        out,
+        "clean     {} tokens, LD = {:+.4}  (top: {:?})",
+        r.clean.token_ids.len(),
+        r.clean_logit_diff,
+        r.clean_top_k.first().map(|t| &t.token)
+    );
+    let _ = writeln!(
+        out,
+        "corrupted {} tokens, LD = {:+.4}  (top: {:?})",
+        r.corrupted.token_ids.len(),
+        r.corrupted_logit_diff,
+        r.corrupted_top_k.first().map(|t| &t.token)
+    );
+    let _ = writeln!(
+        out,
+        "answers   correct {:?} = {}, incorrect {:?} = {}",
+        r.correct.token, r.correct.token_id, r.incorrect.token, r.incorrect.token_id
+    );
+    for w in &r.warnings {
+        let _ = writeln!(out, "warning   {w}");
+    }
+}
+
+/// The progress bar on stderr: its length is the sweep's work (see [`Progress`]), its message the
+/// cells done and an ETA from the recent rate. Where stderr is not a terminal there is no bar,
+/// only a closing line with the cells done.
+struct CellsBar {
+    bar: Option<ProgressBar>,
+    progress: Progress,
+    started: Instant,
+    cells: usize,
+    total_cells: usize,
+    quiet: bool,
+}
+
+/// The bar counts work in these steps (the work itself is fractional token-layers).
+const BAR_STEPS: u64 = 10_000;
+
+impl CellsBar {
+    fn new(result: &SweepResult, progress: Progress, quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(BAR_STEPS), ProgressDrawTarget::stderr_with_hz(10));
+            let style = ProgressStyle::with_template("[{bar:30}] {percent:>3}%  {msg}  {elapsed_precise}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("#> ");
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        Self {
+            bar,
+            progress,
+            started: Instant::now(),
+            cells: 0,
+            total_cells: result.layers() * result.positions(),
+            quiet,
+        }
+    }
+
+    fn observe(&mut self, event: SweepEvent<'_>) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        match event {
+            SweepEvent::Cell(_) => self.cells += 1,
+            SweepEvent::Work(work) => self.progress.work_done(work, elapsed),
+        }
+        let Some(bar) = &self.bar else { return };
+        let eta = match self.progress.eta(elapsed) {
+            Some(eta) if self.cells < self.total_cells => format!("  eta {eta:.1} s"),
+            _ => String::new(),
+        };
+        bar.set_position((self.progress.fraction() * BAR_STEPS as f64) as u64);
+        bar.set_message(format!("{}/{} cells{eta}", self.cells, self.total_cells));
+    }
+
+    fn finish(self) {
+        let line = format!(
+            "{}/{} cells in {:.1} s",
+            self.cells,
+            self.total_cells,
+            self.started.elapsed().as_secs_f64()
+        );
+        match self.bar {
+            Some(bar) => bar.finish_with_message(line),
+            None if !self.quiet => eprintln!("{line}"),
+            None => {}
+        }
+    }
+}
+
+/// Ctrl-C stops a sweep without losing its cells ([`INTERRUPTED`]); a second Ctrl-C quits at once.
+fn stop_on_interrupt() {
+    let installed = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nstopping; the cells computed so far will be written (Ctrl-C again quits at once, writing nothing)"
+        );
+    });
+    if let Err(e) = installed {
+        eprintln!("warning   Ctrl-C will end the sweep without writing its cells ({e})");
+    }
+}
+
+/// What writing the outputs came to.
+struct Written {
+    /// The paths written.
+    written: Vec<String>,
+    /// Why the others were not, with their paths.
+    failures: Vec<String>,
+    json_written: bool,
+}
+
+/// Writes every output asked for, each on its own: one that fails does not stop the others.
+fn write_outputs(result: &SweepResult, outputs: &[(&Path, Format)]) -> Written {
+    let mut outcome = Written {
+        written: Vec::new(),
+        failures: Vec::new(),
+        json_written: false,
+    };
+    for &(path, format) in outputs {
+        match export::save_as(result, path, format, None) {
+            Ok(()) => {
+                outcome.json_written |= format == Format::Json;
+                outcome.written.push(path.display().to_string());
+            }
+            Err(e) => outcome.failures.push(e.to_string()),
+        }
+    }
+    outcome
+}
+
+/// The command's outcome: Ok for a complete sweep whose outputs were written; otherwise an error
+/// saying what was kept and where, after putting the cells in the temporary folder when no JSON
+/// could be written.
+fn finish(result: &SweepResult, outcome: Written) -> Result<()> {
+    let failed = (!outcome.failures.is_empty()).then(|| {
+        let failures = outcome.failures.join("; ");
+        if outcome.json_written {
+            failures
+        } else {
+            rescue(result, failures)
+        }
+    });
+    if result.complete {
+        return failed.map_or(Ok(()), |f| Err(Error::Stopped(f)));
+    }
+    let t = &result.timing;
+    let kept = format!(
+        "{} of {} cells done ({} computed, {} skipped as no-ops){}",
+        result.done_cells(),
+        result.layers() * result.positions(),
+        t.cells_computed,
+        t.cells_skipped,
+        if outcome.written.is_empty() {
+            String::new()
+        } else {
+            format!(", written to {} (\"complete\": false)", outcome.written.join(", "))
+        }
+    );
+    let failed = failed.map_or(String::new(), |f| format!(". {f}"));
+    Err(match &result.error {
+        Some(e) => Error::Stopped(format!("the sweep stopped early ({kept}): {e}{failed}")),
+        None => Error::Cancelled(format!("cancelled: {kept}{failed}")),
+    })
+}
+
+/// Outputs could not be written after the sweep (the disk filled up, the folder went away) and the
+/// JSON was not among those written: the results go to a JSON file in the temporary folder, so the
+/// computed cells are not lost. Returns `failures` saying where.
+fn rescue(result: &SweepResult, failures: String) -> String {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = std::env::temp_dir().join(format!("patchbay-sweep-{stamp}-{}.json", std::process::id()));
+    match export::save_as(result, &path, Format::Json, None) {
+        Ok(()) => format!(
+            "{failures}. The results are saved in {} instead (the JSON that --out writes)",
+            path.display()
+        ),
+        Err(_) => failures,
+    }
+}
+
+/// Fails early, before minutes of work, when an output file cannot be created.
+fn check_writable(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::Io {
+            message: "cannot write results: the folder does not exist".into(),
+            path: dir.to_owned(),
+        });
+    }
+    if path.is_dir() {
+        return Err(Error::Io {
+            message: "cannot write results: this is a folder; give a file name in it".into(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The heatmap as text: one row per layer, one column per position, values ×100 rounded.
+pub fn text_heatmap(r: &SweepResult) -> String {
+    let mut s = format!(
+        "\n{} patching, normalized logit difference ×100 (100 = clean behaviour restored, 0 = none; · = skipped no-op)\n",
+        r.component
+    );
+    s.push_str("layer ");
+    for p in 0..r.positions() {
+        s.push_str(&format!("{p:>5}"));
+    }
+    s.push('\n');
+    for l in 0..r.layers() {
+        s.push_str(&format!("{l:>5} "));
+        for p in 0..r.positions() {
+            let cell = match (r.skipped[l][p], r.values[l][p], r.patched_logit_diff[l][p]) {
+                (true, _, _) => "·".to_owned(),
+                (false, Some(v), _) => format!("{:.0}", v * 100.0),
+                (false, None, Some(raw)) => format!("{raw:.1}"),
+                (false, None, None) => "?".to_owned(),
+            };
+            s.push_str(&format!("{cell:>5}"));
+        }
+        s.push('\n');
+    }
+    s.push_str("tokens ");
+    s.push_str(&r.position_labels().join(" "));
+    s.push('\n');
+    s
+}

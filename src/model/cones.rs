@@ -1,0 +1,476 @@
+//! Packed forwards: many patching cells' causal cones in one pass, and prompts that share their
+//! first tokens (a sweep's clean and corrupted baselines) computing those tokens once.
+//!
+//! [`Transformer::forward_cones`] packs many cones (each its own start layer and positions) into one
+//! `[tokens, hidden]` pass, so a whole block of patching cells shares every weight read;
+//! [`Transformer::forward_shared_prefix`] runs the baselines.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Module, Tensor};
+
+use super::attention::{cone_attention_cpu, cone_attention_tensors};
+use super::decoder::{LayerKv, Site, Transformer};
+use super::kernels::fused::rope_thd;
+use super::kernels::skinny::linear as linear_fwd;
+use crate::error::{Error, Result};
+
+/// The causal cone of one patch, for [`Transformer::forward_cones`]: everything a change to the
+/// residual stream at position `offset` entering layer `start_layer` can affect.
+#[derive(Debug, Clone)]
+pub struct Cone {
+    /// The first layer to run; `num_layers` runs none (only the final norm and unembedding).
+    pub start_layer: usize,
+    /// Absolute position of the cone's first token.
+    pub offset: usize,
+    /// `start_layer`'s resid_pre at positions `offset..`, `[seq, hidden]`, with the patch written in.
+    pub hidden: Tensor,
+}
+
+/// Where one cone's tokens sit in the packed `[tokens, hidden]` activations of a cone forward.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Segment {
+    /// Index into the caller's cones.
+    pub(super) cone: usize,
+    /// First packed row.
+    pub(super) row: usize,
+    /// Number of tokens.
+    pub(super) len: usize,
+    /// Absolute position of the first token.
+    pub(super) offset: usize,
+}
+
+/// Where a packed forward's tokens find the keys and values before their segment's offset.
+#[derive(Clone, Copy)]
+enum Prefix<'a> {
+    /// A cache from an earlier forward, `[1, kv_heads, len, head_dim]`.
+    Cached(&'a LayerKv),
+    /// The first `len` packed rows of this same forward: positions `0..len`, shared by every
+    /// segment that starts at `len`.
+    Packed(usize),
+}
+
+/// One layer of a packed forward: its activations, `[rows, ..]` in the packed row order, and
+/// the keys and values of every packed token (after RoPE and QK-norm), `[tokens, kv_heads, hd]`.
+struct PackedLayer {
+    attn_out: Tensor,
+    resid_mid: Tensor,
+    mlp_out: Tensor,
+    resid_post: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+/// What [`Transformer::forward_shared_prefix`] returns, for each of its prompts.
+#[derive(Debug)]
+pub struct PromptsForward {
+    /// The last layer's residual stream at the last position, `[prompts, hidden]`: what
+    /// [`Transformer::final_logits`] turns into logits (left to the caller, so that other rows can
+    /// share that pass over the unembedding).
+    pub last_hidden: Tensor,
+    /// The activations at the sites asked for, per (site, layer), `[prompts, seq, hidden]`.
+    pub acts: HashMap<(Site, usize), Tensor>,
+    /// Every layer's keys and values, `[prompts, kv_heads, seq, head_dim]`.
+    pub kv: Vec<LayerKv>,
+}
+
+impl Transformer {
+    /// Runs equally long prompts that share their first `shared` tokens, computing those tokens
+    /// once: the clean and corrupted baselines of a sweep, whose prompts agree up to the first
+    /// difference. Every layer is one packed matmul over the shared tokens and each prompt's own
+    /// ones (for IOI 9 + 2 × 7 rows rather than 2 × 16); each prompt's tokens attend to the shared
+    /// keys and values, then causally to their own. Returns what the sweep caches: the activations at
+    /// `sites`, every layer's keys and values, and the last position's final residual stream, per
+    /// prompt, as an unpacked batch would.
+    pub fn forward_shared_prefix(&self, prompts: &[&[u32]], shared: usize, sites: &[Site]) -> Result<PromptsForward> {
+        let seq = prompts.first().map_or(0, |p| p.len());
+        if seq == 0 || prompts.iter().any(|p| p.len() != seq) {
+            return Err(Error::Internal(
+                "a shared-prefix forward needs non-empty prompts of one length".into(),
+            ));
+        }
+        if seq > self.cfg.max_position_embeddings.max(1) {
+            return Err(Error::Input(format!(
+                "the prompts are {seq} tokens long, more than this model's {} positions",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        // At least the last token is each prompt's own: it gives that prompt's logits.
+        let shared = shared.min(seq - 1);
+        if prompts.iter().any(|p| p[..shared] != prompts[0][..shared]) {
+            return Err(Error::Internal(format!(
+                "the prompts do not share their first {shared} tokens"
+            )));
+        }
+        let own = seq - shared;
+        let mut ids: Vec<u32> = prompts[0][..shared].to_vec();
+        let mut segments = Vec::with_capacity(prompts.len() + 1);
+        if shared > 0 {
+            segments.push(Segment {
+                cone: 0,
+                row: 0,
+                len: shared,
+                offset: 0,
+            });
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            segments.push(Segment {
+                cone: i + 1,
+                row: shared + i * own,
+                len: own,
+                offset: shared,
+            });
+            ids.extend_from_slice(&p[shared..]);
+        }
+        let tokens = ids.len();
+        let dev = &self.device;
+        // Packed rows of each prompt's tokens in order, to unpack `[tokens, ..]` into `[prompts, seq, ..]`.
+        let unpack_rows: Vec<u32> = (0..prompts.len())
+            .flat_map(|i| (0..shared).chain((0..own).map(move |j| shared + i * own + j)))
+            .map(|r| r as u32)
+            .collect();
+        let unpack_rows = Tensor::from_vec(unpack_rows, prompts.len() * seq, dev)?;
+        let unpack = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = vec![prompts.len(), seq];
+            dims.extend_from_slice(&t.dims()[1..]);
+            Ok(t.index_select(&unpack_rows, 0)?.reshape(dims)?)
+        };
+        let mut acts = HashMap::new();
+        let mut kv = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, tokens, dev)?)?;
+        for l in 0..self.layers.len() {
+            let layer = self.packed_layer(l, &x, &segments, Prefix::Packed(shared), false)?;
+            for &site in sites {
+                let act = match site {
+                    Site::ResidPre => &x,
+                    Site::AttnOut => &layer.attn_out,
+                    Site::ResidMid => &layer.resid_mid,
+                    Site::MlpOut => &layer.mlp_out,
+                    Site::ResidPost => &layer.resid_post,
+                };
+                acts.insert((site, l), unpack(act)?);
+            }
+            // `[prompts, seq, kv_heads, hd]` → `[prompts, kv_heads, seq, hd]`, as `forward` keeps them.
+            let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(unpack(t)?.transpose(1, 2)?.contiguous()?) };
+            kv.push(LayerKv {
+                k: heads_first(&layer.k)?,
+                v: heads_first(&layer.v)?,
+            });
+            x = layer.resid_post;
+        }
+        let last_rows: Vec<u32> = (0..prompts.len())
+            .map(|i| (shared + (i + 1) * own - 1) as u32)
+            .collect();
+        Ok(PromptsForward {
+            last_hidden: x.index_select(&Tensor::from_vec(last_rows, prompts.len(), dev)?, 0)?,
+            acts,
+            kv,
+        })
+    }
+
+    /// Runs many [`Cone`]s in one packed forward and returns each one's last-position logits,
+    /// `[cones, vocab]` f32, in the order given.
+    ///
+    /// The tokens of every cone are packed into one `[tokens, hidden]` matrix, so each projection and
+    /// MLP is a single matmul for the whole batch; a cone joins when the forward reaches its start
+    /// layer. Its tokens attend to `prefix` (the unpatched run's keys/values per layer, batch 1,
+    /// after RoPE and QK-norm, covering at least every cone's positions before its offset) and,
+    /// causally, to each other. The last layer runs queries, attention output and MLP only for each
+    /// cone's last token: the other tokens are needed there only as keys and values.
+    ///
+    /// `cancel` is looked at before each layer: when it is set the forward stops with
+    /// [`Error::Cancelled`], so a large block does not hold up a cancel. `on_layer` is told after
+    /// each layer how many packed token rows it ran, so a large block shows its progress.
+    pub fn forward_cones(
+        &self,
+        cones: &[Cone],
+        prefix: &[LayerKv],
+        cancel: &AtomicBool,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let n_layers = self.layers.len();
+        let d = self.cfg.hidden_size;
+        for (i, c) in cones.iter().enumerate() {
+            let (seq, hidden) = c.hidden.dims2()?;
+            let prefix_len = match prefix.get(c.start_layer.min(n_layers.saturating_sub(1))) {
+                Some(kv) => kv.k.dim(2)?,
+                None => 0,
+            };
+            let bad = c.start_layer > n_layers
+                || seq == 0
+                || hidden != d
+                || c.offset + seq > self.cfg.max_position_embeddings.max(1)
+                || (c.start_layer < n_layers && (prefix.len() != n_layers || prefix_len < c.offset));
+            if bad {
+                return Err(Error::Internal(format!(
+                    "cone {i} (start layer {}, offset {}, hidden {:?}) does not fit the model or the \
+                     {}-layer key/value prefix",
+                    c.start_layer,
+                    c.offset,
+                    c.hidden.dims(),
+                    prefix.len()
+                )));
+            }
+        }
+        // Cones join in order of their start layer; the packed rows keep that order.
+        let mut order: Vec<usize> = (0..cones.len()).collect();
+        order.sort_by_key(|&i| cones[i].start_layer);
+        let first_layer = order.first().map_or(n_layers, |&i| cones[i].start_layer);
+        let mut segments: Vec<Segment> = Vec::with_capacity(cones.len());
+        let mut x: Option<Tensor> = None;
+        let mut joined = 0;
+        for (l, layer_prefix) in prefix.iter().enumerate().take(n_layers).skip(first_layer) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled("cancelled".into()));
+            }
+            let mut parts: Vec<Tensor> = x.take().into_iter().collect();
+            let mut rows = segments.last().map_or(0, |s| s.row + s.len);
+            while let Some(&i) = order.get(joined).filter(|&&i| cones[i].start_layer == l) {
+                let len = cones[i].hidden.dim(0)?;
+                segments.push(Segment {
+                    cone: i,
+                    row: rows,
+                    len,
+                    offset: cones[i].offset,
+                });
+                rows += len;
+                parts.push(cones[i].hidden.clone());
+                joined += 1;
+            }
+            let packed = if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                Tensor::cat(&parts, 0)?
+            };
+            let layer = self.packed_layer(l, &packed, &segments, Prefix::Cached(layer_prefix), l + 1 == n_layers)?;
+            x = Some(layer.resid_post);
+            on_layer(rows);
+        }
+        // After the last layer `x` holds one row per segment (its last token); cones that start
+        // after the last layer contribute their input's last token unchanged.
+        let mut finals: Vec<Tensor> = x.into_iter().collect();
+        let mut final_cones: Vec<usize> = segments.iter().map(|s| s.cone).collect();
+        for &i in &order[joined..] {
+            let h = &cones[i].hidden;
+            finals.push(h.narrow(0, h.dim(0)? - 1, 1)?);
+            final_cones.push(i);
+        }
+        if finals.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        let finals = Tensor::cat(&finals, 0)?;
+        let mut pick = vec![0u32; cones.len()];
+        for (row, &cone) in final_cones.iter().enumerate() {
+            pick[cone] = row as u32;
+        }
+        let finals = finals.index_select(&Tensor::from_vec(pick, cones.len(), &self.device)?, 0)?;
+        self.final_logits(&finals)
+    }
+
+    /// One decoder layer on the packed tokens `x` (`[tokens, hidden]`) of `segments`. With
+    /// `last_only` its activations cover only each segment's last token, `[segments, hidden]`.
+    fn packed_layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        segments: &[Segment],
+        prefix: Prefix,
+        last_only: bool,
+    ) -> Result<PackedLayer> {
+        let cfg = &self.cfg;
+        let layer = &self.layers[l];
+        let attn = &layer.attn;
+        let eps = cfg.rms_norm_eps as f32;
+        let (hd, heads, kv_heads) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        let dev = &self.device;
+        let tokens = x.dim(0)?;
+
+        // Every packed token's absolute position, for RoPE.
+        let positions: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| (s.offset..s.offset + s.len).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(positions, tokens, dev)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let normed = candle_nn::ops::rms_norm(x, &layer.input_layernorm, eps)?;
+
+        // Keys and values of every token; queries of every token, or in the last layer only of each
+        // segment's last token (the others are needed there only as keys and values).
+        let (q, k, v, x, q_cos, q_sin) = if last_only {
+            let rows: Vec<u32> = segments.iter().map(|s| (s.row + s.len - 1) as u32).collect();
+            let rows = Tensor::from_vec(rows, segments.len(), dev)?;
+            let kv = linear_fwd(&attn.kv_proj, &normed)?;
+            (
+                linear_fwd(&attn.q_proj, &normed.index_select(&rows, 0)?)?,
+                kv.narrow(1, 0, kvd)?,
+                kv.narrow(1, kvd, kvd)?,
+                x.index_select(&rows, 0)?,
+                cos.index_select(&rows, 0)?,
+                sin.index_select(&rows, 0)?,
+            )
+        } else {
+            let qkv = linear_fwd(&attn.qkv_proj, &normed)?;
+            (
+                qkv.narrow(1, 0, qd)?,
+                qkv.narrow(1, qd, kvd)?,
+                qkv.narrow(1, qd + kvd, kvd)?,
+                x.clone(),
+                cos.clone(),
+                sin.clone(),
+            )
+        };
+        let n_queries = q.dim(0)?;
+        let q = q.contiguous()?.reshape((1, n_queries, heads, hd))?;
+        let q = match &attn.q_norm {
+            Some(w) => candle_nn::ops::rms_norm(&q, w, eps)?,
+            None => q,
+        };
+        let q = rope_thd(&q.contiguous()?, &q_cos, &q_sin)?.squeeze(0)?;
+        let k = k.contiguous()?.reshape((1, tokens, kv_heads, hd))?;
+        let k = match &attn.k_norm {
+            Some(w) => candle_nn::ops::rms_norm(&k, w, eps)?,
+            None => k,
+        };
+        let k = rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
+        let v = v.contiguous()?.reshape((tokens, kv_heads, hd))?;
+
+        let shared;
+        let prefix = match prefix {
+            Prefix::Cached(kv) => kv,
+            Prefix::Packed(len) => {
+                debug_assert!(
+                    segments
+                        .iter()
+                        .all(|s| (s.offset == 0 && s.row == 0 && s.len == len) || s.offset == len),
+                    "a packed prefix of {len} rows must be the first segment, and every other one start after it"
+                );
+                // The first `len` packed rows, as a `[1, kv_heads, len, hd]` cache.
+                let cache = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(0, 0, len)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+                };
+                shared = LayerKv {
+                    k: cache(&k)?,
+                    v: cache(&v)?,
+                };
+                &shared
+            }
+        };
+        let cpu_f32 = dev.is_cpu() && self.dtype == DType::F32;
+        let out = if cpu_f32 {
+            cone_attention_cpu(&q, &k, &v, prefix, segments, last_only)?
+        } else {
+            cone_attention_tensors(&q, &k, &v, prefix, segments, last_only)?
+        };
+        let attn_out = linear_fwd(&attn.o_proj, &out)?;
+        let mid = (x + &attn_out)?;
+        let mlp_out = layer.mlp.forward(&mid, &layer.post_attention_layernorm, eps)?;
+        Ok(PackedLayer {
+            resid_post: (&mid + &mlp_out)?,
+            attn_out,
+            resid_mid: mid,
+            mlp_out,
+            k,
+            v,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::ArchConfig;
+    use crate::model::max_abs_diff;
+    use crate::model::{Hooks, Span};
+    use candle_core::Device;
+
+    /// Records every site's activation.
+    struct Record(HashMap<(Site, usize), Tensor>);
+
+    impl Hooks for Record {
+        fn visit(&mut self, site: Site, layer: usize, _offset: usize, x: Tensor) -> Result<Tensor> {
+            self.0.insert((site, layer), x.clone());
+            Ok(x)
+        }
+    }
+
+    #[test]
+    fn a_shared_prefix_forward_matches_the_batched_one() {
+        use crate::model::config::{Family, RopeScaling};
+        let cfg = ArchConfig {
+            family: Family::Qwen3,
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_layers: 3,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::Default,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        };
+        let sites = [
+            Site::ResidPre,
+            Site::AttnOut,
+            Site::ResidMid,
+            Site::MlpOut,
+            Site::ResidPost,
+        ];
+        // f32 takes the CPU attention loop, bf16 the tensor path (as on a GPU).
+        for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 0.02)] {
+            let (t, _) = crate::model::synthetic::build(&cfg, 7, &Device::Cpu, dtype).unwrap();
+            let a: Vec<u32> = vec![5, 9, 2, 33, 7, 1, 60, 12];
+            for diff in [0, 1, 4, 7, 8] {
+                let mut b = a.clone();
+                for id in &mut b[diff..] {
+                    *id = (*id + 11) % 64;
+                }
+                let mut reference = Record(HashMap::new());
+                let batched = t
+                    .forward(
+                        t.embed(&[&a, &b]).unwrap(),
+                        Span {
+                            keep_kv: true,
+                            ..Span::default()
+                        },
+                        &mut reference,
+                    )
+                    .unwrap();
+                let packed = t.forward_shared_prefix(&[&a, &b], diff, &sites).unwrap();
+                let what = format!("{dtype:?}, prompts differing from {diff}");
+                let close = |x: &Tensor, y: &Tensor, name: &str| {
+                    assert_eq!(x.dims(), y.dims(), "{name}, {what}");
+                    let gap = max_abs_diff(&x.to_dtype(DType::F32).unwrap(), &y.to_dtype(DType::F32).unwrap());
+                    assert!(gap < tolerance, "{name}, {what}: {gap}");
+                };
+                close(
+                    &t.final_logits(&packed.last_hidden).unwrap(),
+                    &batched.last_logits,
+                    "logits",
+                );
+                for l in 0..cfg.num_layers {
+                    for site in sites {
+                        close(
+                            &packed.acts[&(site, l)],
+                            &reference.0[&(site, l)],
+                            &format!("{site:?} {l}"),
+                        );
+                    }
+                    close(&packed.kv[l].k, &batched.kv[l].k, &format!("keys {l}"));
+                    close(&packed.kv[l].v, &batched.kv[l].v, &format!("values {l}"));
+                }
+            }
+            // Prompts that do not share the tokens claimed are refused, not silently mixed.
+            assert!(
+                t.forward_shared_prefix(&[&a, &[1, 2, 3, 4, 5, 6, 7, 8]], 3, &sites)
+                    .is_err()
+            );
+            assert!(t.forward_shared_prefix(&[&a, &a[..4]], 2, &sites).is_err());
+        }
+    }
+}
