@@ -200,6 +200,34 @@ fn cli_errors_stay_one_line_with_rust_backtrace_set() {
     );
 }
 
+/// Options name typed choices: a misspelt component, schedule, device or dtype is refused by the
+/// argument parser, listing the valid values, before any model is loaded.
+#[test]
+fn cli_refuses_unknown_choices_listing_the_valid_ones() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--component", "resid"], "resid_post, resid_pre, attn_out, mlp_out"),
+        (&["--schedule", "quick"], "fast, naive"),
+        (&["--dtype", "f64"], "auto, f32, bf16, f16"),
+        (&["--device", "tpu"], "use cpu, cuda or cuda:N"),
+        (
+            &["--dtype", "bfloat16", "--device", "cuda:x"],
+            "use cpu, cuda or cuda:N",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let (code, _, stderr) = patchbay(&ioi_sweep("no/such-model", extra), &[]);
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+    // The app's launch checks them before a window opens.
+    let (code, _, stderr) = patchbay(&["gui", "--component", "attn"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("attn_out"), "{stderr}");
+    let (code, _, stderr) = patchbay(&["bench", "--schedules", "fast,slow"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("fast, naive"), "{stderr}");
+}
+
 /// An output that cannot be written is refused before the sweep when that can be known (a
 /// missing folder, a folder given as the file); when the write itself fails after the sweep, the
 /// results are saved to the temporary folder instead and the error says where.
