@@ -9,7 +9,14 @@ use super::{ERROR_TEXT, OK_TEXT, PatchbayApp};
 use crate::model::{DeviceChoice, DtypeChoice};
 
 impl PatchbayApp {
+    /// The model bar: the picker row, then the load's state.
     pub(super) fn model_panel(&mut self, ui: &mut Ui) {
+        self.model_picker(ui);
+        self.model_status(ui);
+    }
+
+    /// The model field with Load, Open… and Recent, then the device and the dtype.
+    fn model_picker(&mut self, ui: &mut Ui) {
         ui.horizontal(|ui| {
             ui.heading("Patchbay");
             ui.separator();
@@ -66,6 +73,11 @@ impl PatchbayApp {
                 .response
                 .on_hover_text("auto: f32 on CPU, bf16 on CUDA. Press Load to apply a change.");
         });
+    }
+
+    /// The load in progress (stage, download), the loaded model's summary, or why it failed (with
+    /// the demo model one click away).
+    fn model_status(&mut self, ui: &mut Ui) {
         ui.horizontal_wrapped(|ui| {
             if let Some(l) = &self.loading {
                 ui.spinner();

@@ -46,16 +46,37 @@ pub fn title(result: &SweepResult) -> String {
     )
 }
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, r: &SweepResult, range: f64) -> Result<()>
+/// The figure's drawing area.
+type Area<DB> = DrawingArea<DB, plotters::coord::Shift>;
+
+fn fail<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> Error {
+    Error::Drawing(format!("drawing the figure failed: {e}"))
+}
+
+fn text(size: f64) -> TextStyle<'static> {
+    TextStyle::from((FONT, size).into_font()).color(&BLACK)
+}
+
+/// The whole figure: header, cells, axes, colorbar.
+fn draw<DB: DrawingBackend>(root: Area<DB>, r: &SweepResult, range: f64) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| Error::Drawing(format!("drawing the figure failed: {e}"));
-    root.fill(&WHITE).map_err(err)?;
-    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
-    let text = |size: f64| TextStyle::from((FONT, size).into_font()).color(&BLACK);
+    root.fill(&WHITE).map_err(fail)?;
+    draw_header(&root, r)?;
+    draw_cells(&root, r, range)?;
+    draw_axes(&root, r)?;
+    draw_colorbar(&root, r, range)?;
+    root.present().map_err(fail)?;
+    Ok(())
+}
 
-    root.draw(&Text::new(title(r), (LEFT, 18), text(20.0))).map_err(err)?;
+/// The title, both prompts with their answers and logit differences, and the metric.
+fn draw_header<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.draw(&Text::new(title(r), (LEFT, 18), text(20.0))).map_err(fail)?;
     let grey = text(12.0).color(&RGBColor(80, 80, 80));
     let lines = [
         format!(
@@ -73,10 +94,17 @@ where
     ];
     for (i, line) in lines.into_iter().enumerate() {
         root.draw(&Text::new(line, (LEFT, 44 + 15 * i as i32), grey.clone()))
-            .map_err(err)?;
+            .map_err(fail)?;
     }
+    Ok(())
+}
 
-    // Cells: layer 0 at the top, as px.imshow draws a [layer, pos] matrix.
+/// The cells, layer 0 at the top as px.imshow draws a `[layer, pos]` matrix, and their frame.
+fn draw_cells<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult, range: f64) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
     for l in 0..layers {
         for p in 0..positions {
             let color = match r.values[l as usize][p as usize] {
@@ -89,17 +117,26 @@ where
             };
             let (x, y) = (LEFT + p * CELL_W, TOP + l * CELL_H);
             root.draw(&Rectangle::new([(x, y), (x + CELL_W, y + CELL_H)], color.filled()))
-                .map_err(err)?;
+                .map_err(fail)?;
         }
     }
-    let grid_bottom = TOP + layers * CELL_H;
     root.draw(&Rectangle::new(
-        [(LEFT, TOP), (LEFT + positions * CELL_W, grid_bottom)],
+        [(LEFT, TOP), (LEFT + positions * CELL_W, TOP + layers * CELL_H)],
         BLACK.stroke_width(1),
     ))
-    .map_err(err)?;
+    .map_err(fail)?;
+    Ok(())
+}
 
-    // Layer ticks (every layer when they fit, else every other one).
+/// Layer ticks on the left, token ticks ("John_1"; both tokens where they differ) below, and the
+/// axis titles.
+fn draw_axes<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
+    let grid_bottom = TOP + layers * CELL_H;
+    // Every layer when they fit, else every other one.
     let step = if CELL_H >= 14 { 1 } else { 2 };
     let right_aligned = text(12.0).pos(Pos::new(HPos::Right, VPos::Center));
     for l in (0..layers).step_by(step) {
@@ -108,7 +145,7 @@ where
             (LEFT - 8, TOP + l * CELL_H + CELL_H / 2),
             right_aligned.clone(),
         ))
-        .map_err(err)?;
+        .map_err(fail)?;
     }
     let vertical = TextStyle::from((FONT, 14.0).into_font().transform(FontTransform::Rotate270)).color(&BLACK);
     root.draw(&Text::new(
@@ -116,9 +153,7 @@ where
         (LEFT - 60, TOP + layers * CELL_H / 2 + 20),
         vertical,
     ))
-    .map_err(err)?;
-
-    // Token ticks, vertical, "John_1"; tokens that differ show both.
+    .map_err(fail)?;
     let tick = TextStyle::from((FONT, 12.0).into_font().transform(FontTransform::Rotate270))
         .color(&BLACK)
         .pos(Pos::new(HPos::Right, VPos::Center));
@@ -130,16 +165,23 @@ where
             (LEFT + p * CELL_W + CELL_W / 2, grid_bottom + 8),
             tick.clone(),
         ))
-        .map_err(err)?;
+        .map_err(fail)?;
     }
     root.draw(&Text::new(
         "Position (clean token / corrupted token)",
         (LEFT, grid_bottom + BOTTOM - 24),
         text(14.0),
     ))
-    .map_err(err)?;
+    .map_err(fail)?;
+    Ok(())
+}
 
-    // Colorbar.
+/// The colour scale beside the grid, from `range` (top) to `-range`, with five ticks.
+fn draw_colorbar<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult, range: f64) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
     let bar_x = LEFT + positions * CELL_W + COLORBAR_GAP;
     let bar_h = (layers * CELL_H).max(120);
     for i in 0..bar_h {
@@ -149,13 +191,13 @@ where
             [(bar_x, TOP + i), (bar_x + COLORBAR_W, TOP + i + 1)],
             RGBColor(red, g, b).filled(),
         ))
-        .map_err(err)?;
+        .map_err(fail)?;
     }
     root.draw(&Rectangle::new(
         [(bar_x, TOP), (bar_x + COLORBAR_W, TOP + bar_h)],
         BLACK.stroke_width(1),
     ))
-    .map_err(err)?;
+    .map_err(fail)?;
     let left_aligned = text(12.0).pos(Pos::new(HPos::Left, VPos::Center));
     for k in 0..=4 {
         let v = range * (1.0 - 0.5 * f64::from(k));
@@ -164,15 +206,14 @@ where
             vec![(bar_x + COLORBAR_W, y), (bar_x + COLORBAR_W + 4, y)],
             BLACK,
         ))
-        .map_err(err)?;
+        .map_err(fail)?;
         root.draw(&Text::new(
             format!("{v:+.2}"),
             (bar_x + COLORBAR_W + 8, y),
             left_aligned.clone(),
         ))
-        .map_err(err)?;
+        .map_err(fail)?;
     }
-    root.present().map_err(err)?;
     Ok(())
 }
 

@@ -270,6 +270,10 @@ impl Transformer {
 
     /// One decoder layer on the packed tokens `x` (`[tokens, hidden]`) of `segments`. With
     /// `last_only` its activations cover only each segment's last token, `[segments, hidden]`.
+    ///
+    /// One function for the whole layer, ~100 lines, on purpose: it is the hot loop of every sweep,
+    /// read top to bottom as the layer runs (projections, QK-norm, RoPE, the prefix, attention,
+    /// MLP), and its tensors' shapes are easiest to check in one place.
     fn packed_layer(
         &self,
         l: usize,
