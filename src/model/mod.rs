@@ -5,6 +5,7 @@ pub mod cones;
 pub mod config;
 pub mod decoder;
 pub mod device;
+pub mod gguf;
 pub mod hub;
 pub mod kernels;
 pub mod layers;
@@ -197,7 +198,7 @@ type Loaded = (ArchConfig, Transformer, TextTokenizer);
 
 fn load_gguf(path: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnMut(LoadProgress)) -> Result<Loaded> {
     on_progress(LoadProgress::Stage("reading GGUF".into()));
-    let mut file = weights::GgufFile::open(path)?;
+    let mut file = gguf::GgufFile::open(path)?;
     let config = ArchConfig::from_gguf(&file.content, file.has_output_weight()).map_err(|e| in_file(e, path))?;
     let tokenizer = TextTokenizer::from_gguf(&file.content)?;
     on_progress(LoadProgress::Stage("dequantizing weights".into()));

@@ -1,0 +1,153 @@
+//! GGUF files: metadata and tensors, dequantized at load, with llama.cpp's tensor names mapped to
+//! HF's and its Q/K row permutation undone, so one rotary convention serves every checkpoint.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::{ArchConfig, Family};
+use crate::error::{Error, Result, candle_text};
+
+/// An opened GGUF file: its metadata plus a reader for tensor data.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    file: File,
+}
+
+impl GgufFile {
+    /// Opens and parses the header of a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io("opening the GGUF file", e, path))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| Error::model_file(format!("not a readable GGUF file ({})", candle_text(&e)), path))?;
+        Ok(Self {
+            path: path.to_owned(),
+            content,
+            file,
+        })
+    }
+
+    /// Whether the file has a separate unembedding (`output.weight`).
+    pub fn has_output_weight(&self) -> bool {
+        self.content.tensor_infos.contains_key("output.weight")
+    }
+
+    /// Dequantizes every tensor to f32 (then `dtype` on `device`), renamed to HF names.
+    pub fn var_builder(&mut self, cfg: &ArchConfig, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let mut tensors = HashMap::new();
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let Some(hf_name) = hf_name(&name) else {
+                continue; // e.g. rope_freqs: derived from metadata instead
+            };
+            let q = self.content.tensor(&mut self.file, &name, &Device::Cpu).map_err(|e| {
+                Error::model_file(
+                    format!("cannot read tensor '{name}' (truncated file? {})", candle_text(&e)),
+                    &self.path,
+                )
+            })?;
+            let mut t = q.dequantize(&Device::Cpu)?;
+            // llama.cpp stores Llama's Q/K rows permuted for its interleaved rotation; undo it so the
+            // HF half-split rotation applies (Qwen GGUF files are not permuted).
+            if cfg.family == Family::Llama {
+                if hf_name.contains("self_attn.q_proj.") {
+                    t = unpermute_rows(&t, cfg.num_heads)?;
+                } else if hf_name.contains("self_attn.k_proj.") {
+                    t = unpermute_rows(&t, cfg.num_kv_heads)?;
+                }
+            }
+            tensors.insert(hf_name, t.to_dtype(dtype)?.to_device(device)?);
+        }
+        Ok(VarBuilder::from_tensors(tensors, dtype, device))
+    }
+}
+
+/// Inverse of llama.cpp's `permute`: rows grouped per head as (half, 2) go back to (2, half).
+fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / heads / 2;
+    Ok(t.reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+/// GGUF tensor name → HF checkpoint name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_owned());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf_part = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf_part}.{kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.1.attn_k.bias").as_deref(),
+            Some("model.layers.1.self_attn.k_proj.bias")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
+        // llama.cpp: w.reshape(heads, 2, half, in).swapaxes(1, 2).reshape(out, in)
+        let (heads, hd, input) = (2usize, 4usize, 3usize);
+        let hf = Tensor::arange(0f32, (heads * hd * input) as f32, &Device::Cpu)?.reshape((heads * hd, input))?;
+        let permuted = hf
+            .reshape((heads, 2, hd / 2, input))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((heads * hd, input))?;
+        let back = unpermute_rows(&permuted, heads)?;
+        assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        Ok(())
+    }
+}
