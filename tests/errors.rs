@@ -543,3 +543,76 @@ fn cli_ctrl_c_mid_sweep_writes_the_cells_computed_so_far() {
     // The no-op cells (9 positions × 30 layers) at least, and far from all 480.
     assert!((270..480).contains(&done), "{done} cells written");
 }
+
+/// Outputs never replace what their path points to: a symlink's target is written and the link
+/// kept, a device or FIFO is written directly, `-` is standard output; an output naming the model
+/// or another output is refused before the sweep.
+#[test]
+fn cli_outputs_never_clobber_what_the_path_points_to() {
+    use std::os::unix::fs::FileTypeExt;
+
+    let dir = TempDir::new("cli-outputs");
+    let model_dir = TempDir::new("cli-outputs-model");
+    let model = write_tiny(&model_dir, "tiny-qwen3");
+    let path = |name: &str| dir.0.join(name).to_string_lossy().into_owned();
+
+    // A symlink: the file it points to gets the results, the link stays a link.
+    std::fs::write(dir.0.join("real.json"), "old").unwrap();
+    std::os::unix::fs::symlink("real.json", dir.0.join("link.json")).unwrap();
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--out", &path("link.json"), "-q"]), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        std::fs::symlink_metadata(dir.0.join("link.json"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.0.join("real.json")).unwrap()).unwrap();
+    assert_eq!(written["shape"], serde_json::json!([3, 16]));
+
+    // A FIFO is written into, not replaced by a file.
+    let fifo = dir.0.join("pipe.csv");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--csv", fifo.to_str().unwrap(), "-q"]), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let csv = reader.join().unwrap();
+    assert!(
+        csv.starts_with("layer,position,") && csv.lines().count() == 1 + 3 * 16,
+        "{csv}"
+    );
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+
+    // A device stays a device (CI runs as root, who could replace it).
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--out", "/dev/null", "-q"]), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+
+    // `-`: the JSON on standard output, the report on stderr.
+    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", "-", "-q"]), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is the JSON alone");
+    assert_eq!(json["component"], "resid_post");
+    assert!(stderr.contains("timing"), "{stderr}");
+
+    // Refused before the sweep: the model's own files, two outputs on one file.
+    let config = model_dir.0.join("config.json");
+    let before = std::fs::read(&config).unwrap();
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--out", config.to_str().unwrap()]), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("over the model being swept"), "{stderr}");
+    assert_eq!(std::fs::read(&config).unwrap(), before);
+    let (code, _, stderr) = patchbay(
+        &ioi_sweep(&model, &["--out", &path("same"), "--csv", &path("./same")]),
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("two outputs name the same file"), "{stderr}");
+    assert!(!dir.0.join("same").exists());
+}

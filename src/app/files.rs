@@ -5,6 +5,7 @@ use crossbeam_channel::bounded;
 
 use super::{PatchbayApp, heatmap};
 use crate::export;
+use crate::model::ModelSource;
 use crate::patching::SweepResult;
 
 impl PatchbayApp {
@@ -16,6 +17,8 @@ impl PatchbayApp {
             result.model.id.replace(['/', ' '], "_"),
             result.component
         );
+        // The model being swept is never written over (nor is anything else but a plain file).
+        let protected = ModelSource::parse(&self.settings.model).map_or_else(|_| Vec::new(), |s| s.files());
         let (tx, rx) = bounded(1);
         self.file_task = Some(rx);
         std::thread::spawn(move || {
@@ -34,16 +37,56 @@ impl PatchbayApp {
             };
             let outcome = match dialog.save_file() {
                 None => Err("nothing saved (dialog cancelled, or no file dialog available: install zenity or xdg-desktop-portal)".to_owned()),
-                Some(path) => save_to(&result, &path, range),
+                Some(path) => save_to(&result, &path, range, &protected),
             };
             let _ = tx.send(outcome);
         });
     }
 }
 
-/// Writes a figure or data file in the format the extension names; the message to show.
-pub fn save_to(result: &SweepResult, path: &std::path::Path, range: f64) -> Result<String, String> {
-    export::save(result, path, Some(range))
+/// Writes a figure or data file in the format the extension names, unless `path` is one of the
+/// `protected` files (the model's); the message to show.
+pub fn save_to(
+    result: &SweepResult,
+    path: &std::path::Path,
+    range: f64,
+    protected: &[std::path::PathBuf],
+) -> Result<String, String> {
+    export::check_outputs(&[path], protected)
+        .and_then(|()| export::save(result, path, Some(range)))
         .map(|()| format!("saved {}", path.display()))
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saving_follows_the_cli_rules() {
+        let dir = std::env::temp_dir().join(format!("patchbay-app-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("model.gguf");
+        std::fs::write(&model, b"weights").unwrap();
+        let result = SweepResult::empty_for_tests(2, 3);
+        let refused = save_to(&result, &model, 1.0, std::slice::from_ref(&model)).unwrap_err();
+        assert!(refused.contains("over the model being swept"), "{refused}");
+        assert_eq!(std::fs::read(&model).unwrap(), b"weights");
+        // Through a link, the link stays and its target is written.
+        std::os::unix::fs::symlink("figure.svg", dir.join("link.svg")).unwrap();
+        let saved = save_to(&result, &dir.join("link.svg"), 1.0, &[model]).unwrap();
+        assert!(saved.starts_with("saved"), "{saved}");
+        assert!(
+            std::fs::symlink_metadata(dir.join("link.svg"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(
+            std::fs::read_to_string(dir.join("figure.svg"))
+                .unwrap()
+                .contains("<svg")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

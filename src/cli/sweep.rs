@@ -10,7 +10,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{ModelArgs, load_model};
+use patchbay::export::data::STDOUT;
 use patchbay::export::{self, Format};
+use patchbay::model::ModelSource;
 use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_TOP_K};
 use patchbay::patching::{Component, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult};
 use patchbay::{Error, Result};
@@ -45,7 +47,7 @@ pub struct SweepArgs {
     /// Naive schedule: cells per batched forward (1 = one forward per cell, like a notebook loop).
     #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
     pub batch: usize,
-    /// Write the full results as JSON.
+    /// Write the full results as JSON (`-`: standard output, the report then going to stderr).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Write one CSV row per cell.
@@ -99,11 +101,17 @@ pub fn run(args: SweepArgs) -> Result<()> {
         batch_cells: args.batch,
         ..SweepOptions::default()
     };
-    for (path, _) in args.outputs() {
-        check_writable(path)?;
-    }
+    let outputs = args.outputs();
+    let paths: Vec<&Path> = outputs.iter().map(|&(path, _)| path).collect();
+    let model_files = ModelSource::parse(&args.model.model).map_or_else(|_| Vec::new(), |s| s.files());
+    export::check_outputs(&paths, &model_files)?;
+    // With an output on standard output (`-`), the report goes to stderr.
+    let mut out: Box<dyn Write> = if paths.contains(&Path::new(STDOUT)) {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout().lock())
+    };
     let model = load_model(&args.model, args.quiet)?;
-    let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
         "model     {} ({}, {} on {}, loaded in {:.2} s)",
@@ -131,7 +139,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
         t.schedule,
         t.load_seconds.unwrap_or_default()
     );
-    let outcome = write_outputs(&result, &args.outputs());
+    let outcome = write_outputs(&result, &outputs);
     for p in &outcome.written {
         let _ = writeln!(out, "wrote     {p}");
     }
@@ -139,7 +147,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
 }
 
 /// The clean and corrupted runs, the answers and any warnings, before the cells.
-fn print_baselines(out: &mut impl Write, r: &SweepResult) {
+fn print_baselines(out: &mut dyn Write, r: &SweepResult) {
     let _ = writeln!(
         out,
         "clean     {} tokens, LD = {:+.4}  (top: {:?})",
@@ -323,27 +331,6 @@ fn rescue(result: &SweepResult, failures: String) -> String {
         ),
         Err(_) => failures,
     }
-}
-
-/// Fails early, before minutes of work, when an output file cannot be created.
-fn check_writable(path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Error::Io {
-            message: "cannot write results: the folder does not exist".into(),
-            path: dir.to_owned(),
-        });
-    }
-    if path.is_dir() {
-        return Err(Error::Io {
-            message: "cannot write results: this is a folder; give a file name in it".into(),
-            path: path.to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// The heatmap as text: one row per layer, one column per position, values ×100 rounded.

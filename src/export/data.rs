@@ -1,14 +1,74 @@
 //! Sweep results as JSON (everything), CSV (one row per cell) and NPY (the `[layer, position]` matrix).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::patching::SweepResult;
 
-/// Writes bytes to `path` via a temporary file in the same folder, so a failed write never leaves a
-/// half-written file where a good one was.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` without ever replacing what the path points to:
+/// - `-` is standard output;
+/// - a symlink is followed, and its target written (the link stays);
+/// - an existing file that is not a regular one (a device such as /dev/null, a FIFO) is written
+///   directly, never renamed over;
+/// - a regular file (or a new one) is written to a temporary file beside it and renamed into
+///   place, so a failed write never leaves a half-written file where a good one was.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path == Path::new(STDOUT) {
+        let mut out = std::io::stdout().lock();
+        return out
+            .write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(|e| Error::io("writing to standard output", e, path));
+    }
+    let target = resolve_links(path)?;
+    match std::fs::metadata(&target) {
+        Ok(meta) if !meta.is_file() => {
+            if meta.is_dir() {
+                return Err(Error::Io {
+                    message: "cannot write results: this is a folder; give a file name in it".into(),
+                    path: path.to_owned(),
+                });
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target)
+                .map_err(|e| Error::io("opening the file", e, &target))?;
+            f.write_all(bytes)
+                .map_err(|e| Error::io("writing the file", e, &target))
+        }
+        _ => write_atomic(&target, bytes),
+    }
+}
+
+/// The path written for `-`: standard output.
+pub const STDOUT: &str = "-";
+
+/// `path` with its symlinks followed (a dangling link resolves to the file it names, which is
+/// then created); other paths as they are.
+pub fn resolve_links(path: &Path) -> Result<PathBuf> {
+    let mut current = path.to_owned();
+    // A bound on link chains, as the OS has (ELOOP).
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let link = std::fs::read_link(&current).map_err(|e| Error::io("reading the link", e, &current))?;
+                current = match current.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            _ => return Ok(current),
+        }
+    }
+    Err(Error::Io {
+        message: "too many levels of symbolic links".into(),
+        path: path.to_owned(),
+    })
+}
+
+/// Writes a regular file via a temporary file in the same folder and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -19,9 +79,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.partial"));
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("creating the file", e, &tmp))?;
-    f.write_all(bytes).map_err(|e| Error::io("writing the file", e, &tmp))?;
-    f.sync_all().map_err(|e| Error::io("writing the file", e, &tmp))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming into place", e, path))
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io("writing the file", e, &tmp));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io("renaming into place", e, path)
+    })
 }
 
 /// The full result as pretty JSON.

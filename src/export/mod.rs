@@ -6,7 +6,7 @@ pub mod colormap;
 pub mod data;
 pub mod figure;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::patching::SweepResult;
@@ -71,7 +71,9 @@ pub fn save(result: &SweepResult, path: &Path, range: Option<f64>) -> Result<()>
     save_as(result, path, Format::from_path(path)?, range)
 }
 
-/// Saves `result` to `path` in `format`, whatever the extension; never leaves a half-written file.
+/// Saves `result` to `path` in `format`, whatever the extension ([`data::write_file`]: `-` is
+/// standard output, links are followed, devices and FIFOs written directly, regular files replaced
+/// atomically).
 pub fn save_as(result: &SweepResult, path: &Path, format: Format, range: Option<f64>) -> Result<()> {
     let range = range.unwrap_or(colormap::DEFAULT_RANGE);
     let bytes = match format {
@@ -81,7 +83,76 @@ pub fn save_as(result: &SweepResult, path: &Path, format: Format, range: Option<
         Format::Png => figure::to_png(result, range)?,
         Format::Svg => figure::to_svg(result, range)?.into_bytes(),
     };
-    data::write_atomic(path, &bytes)
+    data::write_file(path, &bytes)
+}
+
+/// Checks, before any work, that results can be written to `outputs`: each one's folder exists,
+/// none is a folder, no two name the same file (after following links), at most one is `-`
+/// (standard output), and none is one of the `protected` files (the model being swept).
+pub fn check_outputs(outputs: &[&Path], protected: &[PathBuf]) -> Result<()> {
+    let protected: Vec<PathBuf> = protected.iter().filter_map(|p| identity(p)).collect();
+    let mut seen: Vec<(PathBuf, &Path)> = Vec::new();
+    for &path in outputs {
+        if path == Path::new(data::STDOUT) {
+            if seen.iter().any(|(_, p)| *p == path) {
+                return Err(Error::Input("only one output can go to standard output (-)".into()));
+            }
+            seen.push((path.to_owned(), path));
+            continue;
+        }
+        check_writable(path)?;
+        let Some(id) = identity(path) else { continue };
+        if protected.contains(&id) {
+            return Err(Error::Io {
+                message: "refusing to write results over the model being swept".into(),
+                path: path.to_owned(),
+            });
+        }
+        if let Some((_, first)) = seen.iter().find(|(other, _)| *other == id) {
+            return Err(Error::Io {
+                message: format!(
+                    "two outputs name the same file ({} and this one); give each its own",
+                    first.display()
+                ),
+                path: path.to_owned(),
+            });
+        }
+        seen.push((id, path));
+    }
+    Ok(())
+}
+
+/// Fails when an output file cannot be created: its folder is missing, or it is a folder.
+fn check_writable(path: &Path) -> Result<()> {
+    let target = data::resolve_links(path)?;
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::Io {
+            message: "cannot write results: the folder does not exist".into(),
+            path: dir.to_owned(),
+        });
+    }
+    if target.is_dir() {
+        return Err(Error::Io {
+            message: "cannot write results: this is a folder; give a file name in it".into(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The file a path names, links followed and its folder made absolute; None when its folder is
+/// missing.
+fn identity(path: &Path) -> Option<PathBuf> {
+    let target = data::resolve_links(path).ok()?;
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Some(std::fs::canonicalize(dir).ok()?.join(target.file_name()?))
 }
 
 #[cfg(test)]

@@ -100,6 +100,30 @@ impl ModelSource {
         ))
     }
 
+    /// The files the model is read from, where they are known before loading (a GGUF file, a
+    /// folder's config, tokenizer and weights): what results must never be written over.
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            ModelSource::Gguf(path) => vec![path.clone()],
+            ModelSource::Folder(dir) => {
+                let mut files: Vec<PathBuf> = ["config.json", "tokenizer.json", "model.safetensors.index.json"]
+                    .iter()
+                    .map(|name| dir.join(name))
+                    .collect();
+                if let Ok(entries) = std::fs::read_dir(dir) {
+                    files.extend(
+                        entries
+                            .flatten()
+                            .map(|e| e.path())
+                            .filter(|p| p.extension().is_some_and(|x| x == "safetensors")),
+                    );
+                }
+                files
+            }
+            ModelSource::Hub { .. } | ModelSource::Synthetic { .. } => Vec::new(),
+        }
+    }
+
     /// A short name for titles and exports: the repo id or the file/folder name.
     pub fn display_name(&self) -> String {
         match self {
