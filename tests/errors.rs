@@ -485,6 +485,60 @@ fn cli_bench_reports_the_notebook_baseline_and_its_no_op_share() {
     ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
 )]
 fn cli_ctrl_c_mid_sweep_writes_the_cells_computed_so_far() {
+    interrupt_mid_sweep(libc::SIGINT);
+}
+
+#[cfg(unix)]
+#[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
+fn cli_sigterm_mid_sweep_writes_the_cells_computed_so_far() {
+    interrupt_mid_sweep(libc::SIGTERM);
+}
+
+/// Ctrl-C while the model loads quits at once, cleanly, writing nothing.
+#[cfg(unix)]
+#[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
+fn cli_ctrl_c_while_loading_quits_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = TempDir::new("cli-interrupt-load");
+    let out = dir.0.join("never.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_patchbay"))
+        .args(["sweep", "--model", common::smollm2_gguf().to_str().unwrap()])
+        .args(IOI_ARGS)
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("patchbay starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // The first loading stage; dequantizing follows, for a second or more in a debug build.
+    while !seen.contains("reading GGUF") {
+        assert!(stderr.read_line(&mut seen).unwrap() > 0, "patchbay ended early: {seen}");
+    }
+    // SAFETY: signals our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("cancelled while loading the model"), "{seen}");
+    assert!(!seen.contains("panicked"), "{seen}");
+    assert!(!out.exists());
+}
+
+/// Sends `signal` to a naive SmolLM2 sweep once its cells have started: it stops and writes what
+/// it computed, with `"complete": false` and exit status 130.
+#[cfg(unix)]
+fn interrupt_mid_sweep(signal: libc::c_int) {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
 
@@ -518,7 +572,7 @@ fn cli_ctrl_c_mid_sweep_writes_the_cells_computed_so_far() {
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
     // SAFETY: signals our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
     let status = child.wait().unwrap();
     stdout.read_to_string(&mut seen).unwrap();
     let mut stderr = String::new();

@@ -3,7 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -83,9 +83,15 @@ impl SweepArgs {
     }
 }
 
-/// Set by the first Ctrl-C: the sweep stops within a layer's time and what it computed is written
-/// as usual.
+/// Set by the first Ctrl-C (or SIGTERM) during the sweep: it stops within a layer's time and what
+/// it computed is written as usual.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Where the command is, for what a Ctrl-C does ([`stop_on_interrupt`]).
+static PHASE: AtomicU8 = AtomicU8::new(LOADING);
+const LOADING: u8 = 0;
+const SWEEPING: u8 = 1;
+const WRITING: u8 = 2;
 
 pub fn run(args: SweepArgs) -> Result<()> {
     let request = SweepRequest {
@@ -111,6 +117,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     } else {
         Box::new(std::io::stdout().lock())
     };
+    stop_on_interrupt();
     let model = load_model(&args.model, args.quiet)?;
     let _ = writeln!(
         out,
@@ -121,13 +128,14 @@ pub fn run(args: SweepArgs) -> Result<()> {
         model.device_kind(),
         model.load_seconds
     );
-    // From here on, Ctrl-C keeps what is computed (a model still loading just quits).
-    stop_on_interrupt();
+    // From here on, Ctrl-C keeps what is computed.
+    PHASE.store(SWEEPING, Ordering::SeqCst);
     let prepared = Sweep::prepare(&model, &request, options.top_k)?;
     print_baselines(&mut out, prepared.result());
     let mut bar = CellsBar::new(prepared.result(), prepared.progress(&options), args.quiet);
     let result = prepared.run_observed(&options, &INTERRUPTED, &mut |event| bar.observe(event))?;
     bar.finish();
+    PHASE.store(WRITING, Ordering::SeqCst);
     let _ = write!(out, "{}", text_heatmap(&result));
     let t = &result.timing;
     let _ = writeln!(
@@ -238,15 +246,23 @@ impl CellsBar {
     }
 }
 
-/// Ctrl-C stops a sweep without losing its cells ([`INTERRUPTED`]); a second Ctrl-C quits at once.
+/// Ctrl-C and SIGTERM: while the model loads, quit at once (nothing is computed yet); during the
+/// sweep, the first stops it keeping its cells ([`INTERRUPTED`]) and a second quits at once; while
+/// the results are written, wait for them (a moment) rather than lose them.
 fn stop_on_interrupt() {
-    let installed = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+    let installed = ctrlc::set_handler(|| match PHASE.load(Ordering::SeqCst) {
+        LOADING => {
+            eprintln!("\ncancelled while loading the model; nothing was computed");
             std::process::exit(130);
         }
-        eprintln!(
+        SWEEPING if !INTERRUPTED.swap(true, Ordering::SeqCst) => eprintln!(
             "\nstopping; the cells computed so far will be written (Ctrl-C again quits at once, writing nothing)"
-        );
+        ),
+        SWEEPING => {
+            eprintln!("\nquitting without writing the results");
+            std::process::exit(130);
+        }
+        _ => eprintln!("\nwriting the results computed so far; they will be kept"),
     });
     if let Err(e) = installed {
         eprintln!("warning   Ctrl-C will end the sweep without writing its cells ({e})");
