@@ -670,3 +670,32 @@ fn cli_outputs_never_clobber_what_the_path_points_to() {
     assert!(stderr.contains("two outputs name the same file"), "{stderr}");
     assert!(!dir.0.join("same").exists());
 }
+
+/// Work is bounded: a sweep with more cells than `--max-cells` is refused with its count and an
+/// estimate, and top-k has a ceiling (in the CLI's parser and in the engine).
+#[test]
+fn cli_bounds_the_work_a_sweep_may_take() {
+    let dir = TempDir::new("cli-bounds");
+    let model = write_tiny(&dir, "tiny-qwen3");
+    // IOI on the 3-layer model: 3 layers × positions 9..16.
+    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["-q"]), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("cells     21 to compute (27 skipped as no-ops), about"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--max-cells", "20"]), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("this sweep has 21 cells to compute, about") && stderr.contains("--max-cells 21"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--top-k", "101"]), &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("0..=100"), "{stderr}");
+    let loaded = load_folder(std::path::Path::new(&model));
+    match Sweep::prepare(&loaded, &request(IOI_CLEAN, IOI_CORRUPTED, " John", " Mary"), 101) {
+        Err(e) => assert!(e.to_string().contains("at most 100"), "{e}"),
+        Ok(_) => panic!("top-k 101 accepted"),
+    }
+}

@@ -152,6 +152,32 @@ fn bad_inputs_show_their_messages() {
     assert!(h.state().model().is_some());
 }
 
+/// Run shows the cells a sweep computes; above the limit it asks first, and "Don't run" runs nothing.
+#[test]
+fn a_large_sweep_asks_before_it_runs() {
+    let dir = TempDir::new("gui-large");
+    let mut h = harness(&write_tiny(&dir, "tiny-qwen3"));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+    h.run_steps(3);
+    // IOI on the 3-layer model: positions 9..16 differ onwards, 3 × 7 cells.
+    assert!(h.query_by_label_contains("21 cells to compute").is_some());
+
+    // The limit (20,000 cells by default) set low, and prompts long enough to pass it.
+    h.state_mut().settings_mut().confirm_above_cells = 50;
+    h.state_mut().settings_mut().clean = format!("{IOI_CLEAN} {IOI_CLEAN}");
+    h.state_mut().settings_mut().corrupted = format!("{IOI_CORRUPTED} {IOI_CLEAN}");
+    h.run_steps(3);
+    let cells = h.state().cells_to_compute().expect("equally long prompts");
+    assert!(cells > 50, "{cells} cells");
+    h.get_by_label("Run").click();
+    h.run_steps(3);
+    assert!(h.query_by_label_contains("A large sweep").is_some(), "the confirmation");
+    h.get_by_label("Don't run").click();
+    h.run_steps(5);
+    assert!(h.query_by_label_contains("A large sweep").is_none());
+    assert!(h.state().result().is_none() && !h.state().is_busy(), "nothing ran");
+}
+
 /// The app on SmolLM2, part-way through a deliberately slow sweep (naive, one cell per forward),
 /// with a few computed cells beyond the 270 skipped ones.
 fn smollm2_mid_sweep() -> Harness<'static, PatchbayApp> {

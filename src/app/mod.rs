@@ -68,6 +68,8 @@ pub struct PatchbayApp {
     corrupted_tokens: Tokens,
     correct_tokens: Tokens,
     incorrect_tokens: Tokens,
+    /// A large sweep's cell count, while it waits for the user's confirmation.
+    confirm_cells: Option<usize>,
 }
 
 impl PatchbayApp {
@@ -106,6 +108,7 @@ impl PatchbayApp {
             corrupted_tokens: Tokens::default(),
             correct_tokens: Tokens::default(),
             incorrect_tokens: Tokens::default(),
+            confirm_cells: None,
         };
         let spec = app.settings.model.clone();
         app.load_model(&spec);
@@ -321,6 +324,7 @@ impl eframe::App for PatchbayApp {
     }
 
     fn ui(&mut self, ui: &mut Ui, _frame: &mut eframe::Frame) {
+        self.confirm_large_sweep(&ui.ctx().clone());
         egui::Panel::top("model").show(ui, |ui| {
             ui.add_space(4.0);
             self.model_panel(ui);

@@ -193,7 +193,7 @@ impl PatchbayApp {
                 None => run.on_hover_text("Patch every layer × position (a running sweep is cancelled)"),
             };
             if run.clicked() {
-                self.run_sweep();
+                self.request_run();
             }
             if ui
                 .add_enabled(self.sweep_running(), egui::Button::new("Cancel"))
@@ -201,9 +201,63 @@ impl PatchbayApp {
             {
                 self.cancel();
             }
+            if let Some(cells) = self.cells_to_compute().filter(|_| reason.is_none()) {
+                ui.label(RichText::new(format!("{cells} cells to compute")).small())
+                    .on_hover_text("layers × the positions from the first one where the prompts differ");
+            }
         });
         if let Some(err) = &self.sweep_error {
             ui.label(RichText::new(err.as_str()).color(ERROR_TEXT));
+        }
+    }
+
+    /// The cells the current prompts' sweep computes: layers × positions from the first one where
+    /// the prompts' tokens differ (earlier ones are free no-ops). None until both tokenize alike.
+    pub fn cells_to_compute(&self) -> Option<usize> {
+        let layers = self.model.as_ref()?.config.num_layers;
+        let (clean, corrupted) = (&self.clean_tokens.ids, &self.corrupted_tokens.ids);
+        if clean.is_empty() || clean.len() != corrupted.len() {
+            return None;
+        }
+        let first_diff = clean
+            .iter()
+            .zip(corrupted)
+            .position(|(a, b)| a != b)
+            .unwrap_or(clean.len());
+        Some(layers * (clean.len() - first_diff))
+    }
+
+    /// Run, as the button does: at once, or after a confirmation when the sweep is large.
+    pub fn request_run(&mut self) {
+        match self.cells_to_compute() {
+            Some(cells) if cells > self.settings.confirm_above_cells => self.confirm_cells = Some(cells),
+            _ => self.run_sweep(),
+        }
+    }
+
+    /// The confirmation a large sweep asks for before it runs.
+    pub(super) fn confirm_large_sweep(&mut self, ctx: &egui::Context) {
+        let Some(cells) = self.confirm_cells else { return };
+        let modal = egui::Modal::new(egui::Id::unique("confirm large sweep")).show(ctx, |ui| {
+            ui.heading("A large sweep");
+            ui.label(format!(
+                "This sweep has {cells} cells to compute (more than {}): with a long prompt that \
+                 differs early, that can take a long while. The status bar shows an ETA once it runs, and Cancel \
+                 keeps the cells done.",
+                self.settings.confirm_above_cells
+            ));
+            ui.horizontal(|ui| {
+                if ui.button("Run anyway").clicked() {
+                    self.confirm_cells = None;
+                    self.run_sweep();
+                }
+                if ui.button("Don't run").clicked() {
+                    self.confirm_cells = None;
+                }
+            });
+        });
+        if modal.should_close() {
+            self.confirm_cells = None;
         }
     }
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::presets::{Preset, presets};
 use crate::model::{DEFAULT_MODEL, DeviceChoice, DtypeChoice};
 use crate::patching::Component;
+use crate::patching::sweep::DEFAULT_MAX_CELLS;
 
 /// How many recently used models the picker remembers.
 const RECENT_MODELS: usize = 8;
@@ -26,6 +27,8 @@ pub struct Settings {
     pub component: Component,
     pub preset: Option<String>,
     pub auto_range: bool,
+    /// Run asks for confirmation first when a sweep has more cells to compute than this.
+    pub confirm_above_cells: usize,
 }
 
 impl Default for Settings {
@@ -42,6 +45,7 @@ impl Default for Settings {
             component: Component::ResidPost,
             preset: None,
             auto_range: false,
+            confirm_above_cells: DEFAULT_MAX_CELLS,
         };
         if let Some(p) = presets().first() {
             s.apply_preset(p);

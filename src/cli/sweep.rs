@@ -13,7 +13,7 @@ use super::{ModelArgs, load_model};
 use patchbay::export::data::STDOUT;
 use patchbay::export::{self, Format};
 use patchbay::model::ModelSource;
-use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_TOP_K};
+use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_MAX_CELLS, DEFAULT_TOP_K, MAX_TOP_K};
 use patchbay::patching::{Component, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult};
 use patchbay::{Error, Result};
 
@@ -41,9 +41,13 @@ pub struct SweepArgs {
     /// forward per cell, the baseline).
     #[arg(long, value_enum, default_value_t = Schedule::Fast)]
     pub schedule: Schedule,
-    /// Next-token candidates kept per cell.
-    #[arg(long, default_value_t = DEFAULT_TOP_K)]
-    pub top_k: usize,
+    /// Next-token candidates kept per cell (at most 100).
+    #[arg(long, default_value_t = DEFAULT_TOP_K as u64, value_parser = clap::value_parser!(u64).range(0..=MAX_TOP_K as u64))]
+    pub top_k: u64,
+    /// Refuse sweeps with more cells to compute than this (a long prompt differing at its first
+    /// token can take hours); the refusal gives the count and an estimate.
+    #[arg(long, default_value_t = DEFAULT_MAX_CELLS)]
+    pub max_cells: usize,
     /// Naive schedule: cells per batched forward (1 = one forward per cell, like a notebook loop).
     #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
     pub batch: usize,
@@ -103,7 +107,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
     };
     let options = SweepOptions {
         schedule: args.schedule,
-        top_k: args.top_k,
+        top_k: args.top_k as usize,
         batch_cells: args.batch,
         ..SweepOptions::default()
     };
@@ -132,6 +136,22 @@ pub fn run(args: SweepArgs) -> Result<()> {
     PHASE.store(SWEEPING, Ordering::SeqCst);
     let prepared = Sweep::prepare(&model, &request, options.top_k)?;
     print_baselines(&mut out, prepared.result());
+    let estimate = prepared.estimate(&options);
+    if estimate.cells > args.max_cells {
+        return Err(Error::Input(format!(
+            "this sweep has {} cells to compute, about {} here; --max-cells {} (or more) runs it",
+            estimate.cells,
+            fmt_duration(estimate.seconds),
+            estimate.cells
+        )));
+    }
+    let _ = writeln!(
+        out,
+        "cells     {} to compute ({} skipped as no-ops), about {}",
+        estimate.cells,
+        prepared.result().layers() * prepared.result().positions() - estimate.cells,
+        fmt_duration(estimate.seconds)
+    );
     let mut bar = CellsBar::new(prepared.result(), prepared.progress(&options), args.quiet);
     let result = prepared.run_observed(&options, &INTERRUPTED, &mut |event| bar.observe(event))?;
     bar.finish();
@@ -152,6 +172,17 @@ pub fn run(args: SweepArgs) -> Result<()> {
         let _ = writeln!(out, "wrote     {p}");
     }
     finish(&result, outcome)
+}
+
+/// "0.8 s", "4 min", "2.1 h".
+fn fmt_duration(seconds: f64) -> String {
+    if seconds < 90.0 {
+        format!("{seconds:.1} s")
+    } else if seconds < 5400.0 {
+        format!("{:.0} min", seconds / 60.0)
+    } else {
+        format!("{:.1} h", seconds / 3600.0)
+    }
 }
 
 /// The clean and corrupted runs, the answers and any warnings, before the cells.

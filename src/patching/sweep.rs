@@ -33,6 +33,11 @@ use crate::model::{Cone, Hooks, LayerKv, Model, Site, Span};
 
 /// How many next-token candidates are kept per run.
 pub const DEFAULT_TOP_K: usize = 10;
+/// At most this many candidates per cell: each is stored for every cell and written to the JSON.
+pub const MAX_TOP_K: usize = 100;
+/// Sweeps with more cells to compute than this are refused by the CLI unless `--max-cells` allows
+/// them, and confirmed in the app: a long prompt differing at its first token can mean hours.
+pub const DEFAULT_MAX_CELLS: usize = 20_000;
 /// Naive schedule: cells per forward. 1 = one forward per cell, as a notebook loop runs them.
 pub const DEFAULT_BATCH_CELLS: usize = 1;
 
@@ -59,6 +64,15 @@ impl Default for SweepOptions {
             skip_noops: true,
         }
     }
+}
+
+/// What a sweep will cost, told before it runs ([`Sweep::estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Cells to compute (no-op cells aside).
+    pub cells: usize,
+    /// Seconds it should take on this device, roughly.
+    pub seconds: f64,
 }
 
 /// A prepared sweep: inputs validated, baselines run, clean activations cached.
@@ -146,6 +160,11 @@ impl<'m> Sweep<'m> {
 
     /// Runs the baselines for a validated request and caches what both schedules need.
     fn from_request(model: &'m Model, start: Instant, request: ValidRequest, top_k: usize) -> Result<Self> {
+        if top_k > MAX_TOP_K {
+            return Err(Error::Input(format!(
+                "top-k is {top_k}; at most {MAX_TOP_K} candidates are kept per cell"
+            )));
+        }
         let first_diff = request.first_diff();
         let component = request.component;
         let seq = request.clean.token_ids.len();
@@ -507,6 +526,21 @@ impl<'m> Sweep<'m> {
             .map(|(l, p)| self.cell_cost(options.schedule, l, p))
             .sum();
         Progress::new(total as f64)
+    }
+
+    /// How many cells running with `options` computes (the no-op cells it fills as zeros aside),
+    /// and about how long it takes here: its work at the rate the baselines ran (the large blocks
+    /// of the fast schedule run faster, so this errs long).
+    pub fn estimate(&self, options: &SweepOptions) -> Estimate {
+        let (layers, seq) = (self.result.layers(), self.result.positions());
+        let skip_noops = options.schedule == Schedule::Fast || options.skip_noops;
+        let first_run = if skip_noops { self.first_diff.min(seq) } else { 0 };
+        let baseline_work = (layers * (self.first_diff + 2 * (seq - self.first_diff))) as f64;
+        let rate = baseline_work / self.baseline_seconds.max(1e-6);
+        Estimate {
+            cells: layers * (seq - first_run),
+            seconds: self.progress(options).total() / rate,
+        }
     }
 
     /// The work of the cell at (`layer`, `position`) in token-layers: every layer on every token
