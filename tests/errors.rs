@@ -699,3 +699,99 @@ fn cli_bounds_the_work_a_sweep_may_take() {
         Ok(_) => panic!("top-k 101 accepted"),
     }
 }
+
+/// Loaders refuse what they do not understand, naming the file and the field, and validate sizes
+/// against the tensors present before allocating anything; nothing panics or aborts.
+#[test]
+fn strict_loaders_refuse_what_they_do_not_understand() {
+    let dir = TempDir::new("strict");
+    let qwen3 = fixture_json("tiny_reference.json")["models"][0]["config"].clone();
+    // Writes the tiny Qwen3 model with its config.json changed by `edit`; returns the load's error.
+    let refusal = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
+        let folder = dir.0.join(name);
+        let mut config = qwen3.clone();
+        write_tiny_model(&folder, &config);
+        edit(&mut config);
+        std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+        let msg = load_error(ModelSource::Folder(folder));
+        assert!(msg.ends_with("config.json") || msg.contains(name), "{name}: {msg}");
+        msg
+    };
+    let msg = refusal("theta-string", &|c| c["rope_theta"] = "1e6".into());
+    assert!(
+        msg.contains("'rope_theta'") && msg.contains("invalid type: string"),
+        "{msg}"
+    );
+    let msg = refusal("gelu", &|c| c["hidden_act"] = "gelu".into());
+    assert!(msg.contains("hidden_act is 'gelu'"), "{msg}");
+    let msg = refusal("sliding", &|c| c["use_sliding_window"] = true.into());
+    assert!(msg.contains("sliding-window"), "{msg}");
+    let msg = refusal("yarn", &|c| {
+        // transformers 4's layout.
+        c.as_object_mut().unwrap().remove("rope_parameters");
+        c["rope_theta"] = 1e6.into();
+        c["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
+    });
+    assert!(msg.contains("rope scaling 'yarn' is not supported"), "{msg}");
+    let msg = refusal("two-ropes", &|c| {
+        c["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 4.0})
+    });
+    assert!(msg.contains("describe different RoPE scalings"), "{msg}");
+    // Qwen3 weights called Llama: the QK-norm tensors would be dropped without a word.
+    let msg = refusal("wrong-arch", &|c| {
+        c["architectures"] = serde_json::json!(["LlamaForCausalLM"])
+    });
+    assert!(msg.contains("does not use") && msg.contains("q_norm"), "{msg}");
+    // A layer count far beyond the weights: refused from the tensors, nothing allocated.
+    let msg = refusal("layers", &|c| c["num_hidden_layers"] = (1u64 << 62).into());
+    assert!(msg.contains("layers, the weights have 3"), "{msg}");
+    let msg = refusal("kv-heads", &|c| c["num_key_value_heads"] = 4.into());
+    assert!(msg.contains("has shape") && msg.contains("k_proj"), "{msg}");
+
+    // A huge context length costs nothing until a prompt uses it (RoPE tables grow on demand).
+    let folder = dir.0.join("long-context");
+    let mut config = qwen3.clone();
+    config["max_position_embeddings"] = 100_000_000.into();
+    write_tiny_model(&folder, &config);
+    let model = load_folder(&folder);
+    let sweep = Sweep::prepare(&model, &request(IOI_CLEAN, IOI_CORRUPTED, " John", " Mary"), 10).unwrap();
+    assert_eq!(sweep.result().positions(), 16);
+
+    // A tokenizer.json that truncates: sweeps still see every token.
+    let folder = dir.0.join("truncating");
+    write_tiny_model(&folder, &qwen3);
+    let path = folder.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tokenizer["truncation"] =
+        serde_json::json!({"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0});
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let model = load_folder(&folder);
+    let sweep = Sweep::prepare(&model, &request(IOI_CLEAN, IOI_CORRUPTED, " John", " Mary"), 10).unwrap();
+    assert_eq!(sweep.result().positions(), 16);
+
+    // config.json that is not a regular file (a FIFO would block a plain read forever).
+    let folder = dir.0.join("fifo-config");
+    write_tiny_model(&folder, &qwen3);
+    std::fs::remove_file(folder.join("config.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", folder.join("config.json")).unwrap();
+    let msg = load_error(ModelSource::Folder(folder));
+    assert!(msg.contains("config.json is not a regular file"), "{msg}");
+
+    // A GGUF header with general.alignment = 0 (candle's reader divides by it).
+    let gguf = dir.0.join("zero-alignment.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes()); // version
+    bytes.extend(0u64.to_le_bytes()); // tensors
+    bytes.extend(1u64.to_le_bytes()); // metadata entries
+    let key = b"general.alignment";
+    bytes.extend((key.len() as u64).to_le_bytes());
+    bytes.extend(key);
+    bytes.extend(4u32.to_le_bytes()); // u32
+    bytes.extend(0u32.to_le_bytes());
+    std::fs::write(&gguf, bytes).unwrap();
+    let msg = load_error(ModelSource::Gguf(gguf));
+    assert!(
+        msg.contains("not a readable GGUF file") && msg.ends_with("zero-alignment.gguf"),
+        "{msg}"
+    );
+}

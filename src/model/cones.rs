@@ -297,8 +297,9 @@ impl Transformer {
             .flat_map(|s| (s.offset..s.offset + s.len).map(|p| p as u32))
             .collect();
         let positions = Tensor::from_vec(positions, tokens, dev)?;
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
+        let needed = segments.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
+        let (cos, sin) = self.rope(needed)?;
+        let (cos, sin) = (cos.index_select(&positions, 0)?, sin.index_select(&positions, 0)?);
         let normed = candle_nn::ops::rms_norm(x, &layer.input_layernorm, eps)?;
 
         // Keys and values of every token; queries of every token, or in the last layer only of each

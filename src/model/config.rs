@@ -15,6 +15,9 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "LlamaForCausalLM (gguf: llama; SmolLM, SmolLM2, Llama 2/3.x)",
 ];
 
+/// A config.json larger than this is not a model configuration (they are a few KiB).
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 /// The decoder families the one hookable decoder implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Family {
@@ -119,6 +122,20 @@ impl ArchConfig {
 
     /// Reads an HF `config.json`.
     pub fn from_hf_config_file(path: &Path) -> Result<Self> {
+        if let Ok(meta) = std::fs::metadata(path) {
+            if !meta.is_file() {
+                return Err(Error::model_file("config.json is not a regular file", path));
+            }
+            if meta.len() > MAX_CONFIG_BYTES {
+                return Err(Error::model_file(
+                    format!(
+                        "config.json is {} bytes, far more than a model configuration",
+                        meta.len()
+                    ),
+                    path,
+                ));
+            }
+        }
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => no_config_json(path.parent().unwrap_or(path)),
             _ => Error::io("reading config.json", e, path),
@@ -133,8 +150,20 @@ impl ArchConfig {
 
     /// Interprets a parsed HF `config.json` (transformers 4.x and 5.x spellings).
     pub fn from_hf_config(raw: &serde_json::Value) -> Result<Self> {
-        let hf = HfConfig::deserialize(raw)
-            .map_err(|e| Error::ModelConfig(format!("config.json does not describe a model ({e})")))?;
+        let hf: HfConfig = serde_path_to_error::deserialize(raw)
+            .map_err(|e| Error::ModelConfig(format!("config.json's '{}' cannot be read: {}", e.path(), e.inner())))?;
+        if let Some(act) = hf.hidden_act.as_deref().filter(|a| !matches!(*a, "silu" | "swish")) {
+            return Err(Error::ModelConfig(format!(
+                "config.json's hidden_act is '{act}'; Patchbay implements SwiGLU MLPs with silu only"
+            )));
+        }
+        if hf.use_sliding_window == Some(true) {
+            return Err(Error::ModelConfig(
+                "config.json turns sliding-window attention on (use_sliding_window); Patchbay's attention \
+                 is full causal attention only"
+                    .into(),
+            ));
+        }
         let class = hf.architectures.first().cloned();
         let family = match &class {
             Some(c) => Family::from_hf_class(c),
@@ -152,6 +181,14 @@ impl ArchConfig {
         let hidden_size = required(hf.hidden_size, "hidden_size")?;
         let num_heads = required(hf.num_attention_heads, "num_attention_heads")?;
         // transformers 5 moves rope settings into `rope_parameters`; 4.x uses rope_theta + rope_scaling.
+        // A file with both must not say two things.
+        if let (Some(new), Some(old)) = (&hf.rope_parameters, &hf.rope_scaling)
+            && new.scaling()? != old.scaling()?
+        {
+            return Err(Error::ModelConfig(
+                "config.json's rope_parameters and rope_scaling describe different RoPE scalings".into(),
+            ));
+        }
         let rope = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
         let config = ArchConfig {
             family,
@@ -186,21 +223,39 @@ impl ArchConfig {
             .cloned()
             .unwrap_or_default();
         let family = Family::from_model_type(&arch).ok_or_else(|| unsupported(format!("{arch} (gguf)")))?;
-        let get_u = |key: &str| -> Result<usize> {
-            let full = format!("{arch}.{key}");
-            md.get(&full)
-                .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-                .map(|v| v as usize)
-                .ok_or_else(|| Error::ModelConfig(format!("GGUF metadata lacks '{full}'")))
+        // A key that is present with the wrong type is an error naming it, never a silent default.
+        let wrong_type = |full: &str, v: &gguf_file::Value, expected: &str| {
+            Error::ModelConfig(format!(
+                "GGUF metadata '{full}' is {:?}; expected {expected}",
+                v.value_type()
+            ))
         };
-        let get_f = |key: &str| -> Option<f64> {
-            md.get(&format!("{arch}.{key}"))
-                .and_then(|v| v.to_f32().map(f64::from).ok().or_else(|| v.to_f64().ok()))
+        let opt_u = |key: &str| -> Result<Option<usize>> {
+            let full = format!("{arch}.{key}");
+            let Some(v) = md.get(&full) else { return Ok(None) };
+            v.to_u64()
+                .ok()
+                .or_else(|| v.to_u32().ok().map(u64::from))
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| wrong_type(&full, v, "an unsigned integer"))
+        };
+        let get_u = |key: &str| -> Result<usize> {
+            opt_u(key)?.ok_or_else(|| Error::ModelConfig(format!("GGUF metadata lacks '{arch}.{key}'")))
+        };
+        let opt_f = |key: &str| -> Result<Option<f64>> {
+            let full = format!("{arch}.{key}");
+            let Some(v) = md.get(&full) else { return Ok(None) };
+            v.to_f32()
+                .map(f64::from)
+                .ok()
+                .or_else(|| v.to_f64().ok())
+                .map(Some)
+                .ok_or_else(|| wrong_type(&full, v, "a float"))
         };
         let hidden_size = get_u("embedding_length")?;
         let num_heads = get_u("attention.head_count")?;
-        let num_kv_heads = get_u("attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = get_u("attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
+        let num_kv_heads = opt_u("attention.head_count_kv")?.unwrap_or(num_heads);
+        let head_dim = opt_u("attention.key_length")?.unwrap_or(hidden_size / num_heads.max(1));
         let vocab_size = match md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()) {
             Some(tokens) => tokens.len(),
             None => get_u("vocab_size")?,
@@ -212,7 +267,7 @@ impl ArchConfig {
         {
             None | Some("none") => RopeScaling::Default,
             Some("linear") => RopeScaling::Linear {
-                factor: get_f("rope.scaling.factor").unwrap_or(1.0),
+                factor: opt_f("rope.scaling.factor")?.unwrap_or(1.0),
             },
             Some(other) => {
                 return Err(Error::ModelConfig(format!(
@@ -229,10 +284,10 @@ impl ArchConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: get_f("rope.freq_base").unwrap_or(10_000.0),
+            rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+            rope_theta: opt_f("rope.freq_base")?.unwrap_or(10_000.0),
             rope_scaling,
-            max_position_embeddings: get_u("context_length").unwrap_or(4096),
+            max_position_embeddings: opt_u("context_length")?.unwrap_or(4096),
             tie_word_embeddings: !has_output_weight,
         };
         config.validate()?;
@@ -301,6 +356,10 @@ struct HfConfig {
     rope_parameters: Option<HfRope>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
+    /// The MLP's activation: silu (SwiGLU) is what the decoder implements.
+    hidden_act: Option<String>,
+    /// Qwen2/3: sliding-window attention, which the decoder does not implement, when true.
+    use_sliding_window: Option<bool>,
 }
 
 /// `rope_scaling` / `rope_parameters` of an HF `config.json`.

@@ -13,6 +13,8 @@
 //! in [`super::cones`]; the attention computations in [`super::attention`]; the layers' weights in
 //! [`super::layers`].
 
+use std::sync::RwLock;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
@@ -82,6 +84,27 @@ pub struct Forward {
     pub kv: Vec<LayerKv>,
 }
 
+/// RoPE tables are built for this many positions at load, and grown (doubling) when a prompt needs more.
+const ROPE_INITIAL_POSITIONS: usize = 512;
+
+/// RoPE cos/sin tables `[positions, head_dim / 2]` in the model's dtype.
+pub(super) struct RopeTables {
+    positions: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    fn new(cfg: &ArchConfig, positions: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let (cos, sin) = rope_tables(cfg, positions, device)?;
+        Ok(Self {
+            positions,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+        })
+    }
+}
+
 /// A decoder-only transformer with hooks. Weights use the HF checkpoint names.
 pub struct Transformer {
     pub(super) cfg: ArchConfig,
@@ -90,8 +113,9 @@ pub struct Transformer {
     pub(super) norm: Tensor,
     /// The unembedding, `[vocab, hidden]` (the embeddings when tied).
     pub(super) lm_head: Linear,
-    pub(super) cos: Tensor,
-    pub(super) sin: Tensor,
+    /// RoPE tables for the positions used so far (grown on demand: a checkpoint's
+    /// `max_position_embeddings` may be far more than any prompt needs).
+    rope: RwLock<RopeTables>,
     pub(super) device: Device,
     pub(super) dtype: DType,
 }
@@ -151,15 +175,19 @@ impl Transformer {
         } else {
             embed_weight
         };
-        let (cos, sin) = rope_tables(cfg, vb.device())?;
+        let rope = RopeTables::new(
+            cfg,
+            ROPE_INITIAL_POSITIONS.min(cfg.max_position_embeddings),
+            vb.device(),
+            vb.dtype(),
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
             layers,
             norm,
             lm_head: Linear::new(lm_head, None),
-            cos: cos.to_dtype(vb.dtype())?,
-            sin: sin.to_dtype(vb.dtype())?,
+            rope: RwLock::new(rope),
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -198,8 +226,8 @@ impl Transformer {
     pub fn forward(&self, hidden: Tensor, span: Span, hooks: &mut dyn Hooks) -> Result<Forward> {
         let (batch, seq, _) = hidden.dims3()?;
         let mask = causal_mask(seq, span.offset, &self.device, self.dtype)?;
-        let cos = self.cos.narrow(0, span.offset, seq)?;
-        let sin = self.sin.narrow(0, span.offset, seq)?;
+        let (cos, sin) = self.rope(span.offset + seq)?;
+        let (cos, sin) = (cos.narrow(0, span.offset, seq)?, sin.narrow(0, span.offset, seq)?);
         let mut kv_out = Vec::new();
         let mut x = hidden;
         for (l, layer) in self.layers.iter().enumerate().skip(span.start_layer) {
@@ -237,6 +265,26 @@ impl Transformer {
             .mlp
             .forward(mid, &l.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
         Ok((mid + mlp)?)
+    }
+
+    /// RoPE cos/sin tables covering at least positions `0..positions` (more rows are fine: callers
+    /// narrow or index them), built once and grown as prompts need.
+    pub(super) fn rope(&self, positions: usize) -> Result<(Tensor, Tensor)> {
+        let poisoned = || Error::Internal("the RoPE tables' lock is poisoned".into());
+        {
+            let tables = self.rope.read().map_err(|_| poisoned())?;
+            if tables.positions >= positions {
+                return Ok((tables.cos.clone(), tables.sin.clone()));
+            }
+        }
+        let mut tables = self.rope.write().map_err(|_| poisoned())?;
+        if tables.positions < positions {
+            let grown = positions
+                .next_power_of_two()
+                .min(self.cfg.max_position_embeddings.max(positions));
+            *tables = RopeTables::new(&self.cfg, grown, &self.device, self.dtype)?;
+        }
+        Ok((tables.cos.clone(), tables.sin.clone()))
     }
 
     /// Logits, `[rows, vocab]` f32, of last-layer residual streams `[rows, hidden]`: the final norm

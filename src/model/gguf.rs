@@ -12,6 +12,35 @@ use candle_nn::VarBuilder;
 use super::config::{ArchConfig, Family};
 use crate::error::{Error, Result, candle_text};
 
+thread_local! {
+    /// Set while [`quietly`] runs on this thread: its panics are caught and reported as errors.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into an error carrying its message, without the panic hook printing
+/// it (other threads' panics print as usual).
+fn quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    outcome.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the reader failed".into())
+    })
+}
+
 /// An opened GGUF file: its metadata plus a reader for tensor data.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -23,13 +52,29 @@ impl GgufFile {
     /// Opens and parses the header of a `.gguf` file.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io("opening the GGUF file", e, path))?;
-        let content = gguf_file::Content::read(&mut file)
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(Error::model_file("not a regular file", path));
+        }
+        // candle's header reader panics on some malformed headers (a zero `general.alignment`
+        // divides by zero): such a file is refused like any other unreadable one.
+        let content = quietly(|| gguf_file::Content::read(&mut file))
+            .map_err(|why| Error::model_file(format!("not a readable GGUF file (malformed header: {why})"), path))?
             .map_err(|e| Error::model_file(format!("not a readable GGUF file ({})", candle_text(&e)), path))?;
         Ok(Self {
             path: path.to_owned(),
             content,
             file,
         })
+    }
+
+    /// Every tensor the decoder would read, by its HF name, with its shape (`[out, in]` as in HF
+    /// checkpoints).
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.content
+            .tensor_infos
+            .iter()
+            .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
+            .collect()
     }
 
     /// Whether the file has a separate unembedding (`output.weight`).

@@ -106,14 +106,14 @@ pub(super) fn causal_mask(seq: usize, offset: usize, device: &Device, dtype: DTy
     Ok(Some(Tensor::from_vec(mask, (seq, total), device)?.to_dtype(dtype)?))
 }
 
-/// RoPE cos/sin tables `[max_positions, head_dim / 2]` for the half-split rotation HF uses.
-pub(super) fn rope_tables(cfg: &ArchConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+/// RoPE cos/sin tables `[positions, head_dim / 2]` for the half-split rotation HF uses.
+pub(super) fn rope_tables(cfg: &ArchConfig, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let dim = cfg.head_dim;
     let inv_freq: Vec<f64> = (0..dim / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim as f64))
         .map(|f| scale_frequency(f, &cfg.rope_scaling))
         .collect();
-    let positions = cfg.max_position_embeddings.max(1);
+    let positions = positions.max(1);
     let mut cos = Vec::with_capacity(positions * dim / 2);
     let mut sin = Vec::with_capacity(positions * dim / 2);
     for p in 0..positions {

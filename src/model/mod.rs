@@ -224,6 +224,7 @@ fn load_gguf(path: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnMu
     on_progress(LoadProgress::Stage("reading GGUF".into()));
     let mut file = gguf::GgufFile::open(path)?;
     let config = ArchConfig::from_gguf(&file.content, file.has_output_weight()).map_err(|e| in_file(e, path))?;
+    weights::check_checkpoint(&config, &file.tensors()).map_err(|e| in_file(e, path))?;
     let tokenizer = TextTokenizer::from_gguf(&file.content)?;
     on_progress(LoadProgress::Stage("dequantizing weights".into()));
     let vb = file.var_builder(&config, dtype, dev)?;
@@ -239,6 +240,7 @@ fn load_folder(dir: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnM
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
     on_progress(LoadProgress::Stage("reading weights".into()));
     let files = weights::safetensors_files(dir)?;
+    weights::check_checkpoint(&config, &weights::safetensors_tensors(&files)?).map_err(|e| in_file(e, dir))?;
     let vb = weights::safetensors_var_builder(&files, dtype, dev)?;
     let transformer = Transformer::new(&config, vb).map_err(|e| in_file(e, dir))?;
     Ok((config, transformer, tokenizer))

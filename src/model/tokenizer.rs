@@ -14,6 +14,9 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
 
+/// A tokenizer.json larger than this is refused (large vocabularies' are ~10 MiB).
+const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
+
 /// GGUF `tokenizer.ggml.token_type` values for tokens that must never be split (control, user-defined).
 const GGUF_TOKEN_CONTROL: i32 = 3;
 const GGUF_TOKEN_USER_DEFINED: i32 = 4;
@@ -35,11 +38,27 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Loads an HF `tokenizer.json`; its post-processor decides whether prompts get a BOS.
     pub fn from_file(path: &Path) -> Result<Self> {
-        if !path.is_file() {
-            return Err(Error::model_file("tokenizer.json is missing", path));
+        match std::fs::metadata(path) {
+            Err(_) => return Err(Error::model_file("tokenizer.json is missing", path)),
+            Ok(meta) if !meta.is_file() => {
+                return Err(Error::model_file("tokenizer.json is not a regular file", path));
+            }
+            Ok(meta) if meta.len() > MAX_TOKENIZER_BYTES => {
+                return Err(Error::model_file(
+                    format!("tokenizer.json is {} bytes, far more than a tokenizer", meta.len()),
+                    path,
+                ));
+            }
+            Ok(_) => {}
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::model_file(format!("cannot read tokenizer.json ({e})"), path))?;
+        // A sweep needs every token of its prompts: a tokenizer.json that truncates (or pads)
+        // would cut or change them silently.
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::model_file(format!("cannot switch truncation off ({e})"), path))?;
+        inner.with_padding(None);
         Ok(Self { inner, bos: None })
     }
 

@@ -1,10 +1,13 @@
 //! Turns safetensors checkpoints (single or sharded) into tensors with HF names.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::config::ArchConfig;
+use super::synthetic::tensor_shapes;
 use crate::error::{Error, Result, candle_text};
 
 /// The safetensors files of a checkpoint folder: the shards listed in
@@ -43,12 +46,13 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Memory-maps safetensors files into a [`VarBuilder`], checking each file's header and extent first
-/// so a truncated or corrupt download is reported with its path.
-pub fn safetensors_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+/// The name and shape of every tensor in safetensors `files`, read from their headers (each
+/// file's header and extent checked, so a truncated or corrupt download is reported with its path).
+pub fn safetensors_tensors(files: &[PathBuf]) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut tensors = Vec::new();
     for f in files {
         // SAFETY: the file is only read; mutation by another process while mapped is the usual mmap caveat.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
             Error::model_file(
                 format!(
                     "cannot read safetensors weights (truncated or corrupt file? {})",
@@ -57,7 +61,97 @@ pub fn safetensors_var_builder(files: &[PathBuf], dtype: DType, device: &Device)
                 f,
             )
         })?;
+        tensors.extend(
+            mapped
+                .tensors()
+                .into_iter()
+                .map(|(name, view)| (name, view.shape().to_vec())),
+        );
     }
+    Ok(tensors)
+}
+
+/// Checks a checkpoint's tensors against what `cfg` describes before any weight is read: the same
+/// number of layers, every tensor the decoder needs with its shape, and nothing it would ignore
+/// (a wrong architecture name or layer count shows as tensors left over). Biases beside expected
+/// weights (Llama's `attention_bias`/`mlp_bias`), a tied model's `lm_head.weight` and RoPE's
+/// `inv_freq` buffers are allowed.
+pub fn check_checkpoint(cfg: &ArchConfig, present: &[(String, Vec<usize>)]) -> Result<()> {
+    let layers_present = present
+        .iter()
+        .filter_map(|(name, _)| {
+            name.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |l| l + 1);
+    if layers_present != cfg.num_layers {
+        return Err(Error::ModelConfig(format!(
+            "the configuration says {} layers, the weights have {layers_present}",
+            cfg.num_layers
+        )));
+    }
+    let expected_in_order = tensor_shapes(cfg);
+    let expected: HashMap<&str, &Vec<usize>> = expected_in_order.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let found: HashMap<&str, &Vec<usize>> = present.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let mut missing: Vec<&str> = expected
+        .keys()
+        .copied()
+        .filter(|n| !found.contains_key(n) && !n.ends_with(".bias"))
+        .collect();
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(Error::ModelConfig(format!(
+            "the weights lack {} tensor(s) this architecture needs: {}",
+            missing.len(),
+            list(&missing)
+        )));
+    }
+    for (name, shape) in &expected_in_order {
+        if let Some(got) = found.get(name.as_str()).filter(|got| **got != shape) {
+            return Err(Error::ModelConfig(format!(
+                "tensor {name} has shape {got:?} where the configuration implies {shape:?}"
+            )));
+        }
+    }
+    let mut unused: Vec<&str> = present
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !expected.contains_key(*n))
+        .filter(|n| {
+            let bias_of_expected = n
+                .strip_suffix(".bias")
+                .is_some_and(|stem| expected.contains_key(format!("{stem}.weight").as_str()));
+            !(bias_of_expected || *n == "lm_head.weight" || n.ends_with("rotary_emb.inv_freq"))
+        })
+        .collect();
+    if !unused.is_empty() {
+        unused.sort();
+        return Err(Error::ModelConfig(format!(
+            "the weights have {} tensor(s) this {} architecture does not use (a wrong architecture or layer \
+             count?): {}",
+            unused.len(),
+            cfg.family.hf_class(),
+            list(&unused)
+        )));
+    }
+    Ok(())
+}
+
+/// Up to five names, then how many more.
+fn list(names: &[&str]) -> String {
+    let shown = names.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+    match names.len() {
+        n if n > 5 => format!("{shown} and {} more", n - 5),
+        _ => shown,
+    }
+}
+
+/// Memory-maps safetensors files into a [`VarBuilder`] (after [`safetensors_tensors`] checked them).
+pub fn safetensors_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: as above.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }?;
     Ok(vb)

@@ -156,6 +156,7 @@ fn answer_token(model: &Model, which: &str, text: &str) -> Result<AnswerRecord> 
         )));
     }
     let ids = model.tokenizer.encode_plain(text)?;
+    check_in_vocabulary(model, &ids, text)?;
     match ids.as_slice() {
         [id] => Ok(AnswerRecord {
             text: text.to_owned(),
@@ -180,12 +181,25 @@ fn answer_token(model: &Model, which: &str, text: &str) -> Result<AnswerRecord> 
     }
 }
 
+/// Refuses token ids the model has no embedding for: its tokenizer and weights disagree.
+fn check_in_vocabulary(model: &Model, ids: &[u32], text: &str) -> Result<()> {
+    let vocab = model.config.vocab_size;
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(Error::ModelConfig(format!(
+            "the model's tokenizer gives {text:?} the token id {id}, outside its {vocab}-token vocabulary: the \
+             tokenizer does not belong to these weights"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Tokenizes a prompt, refusing empty ones.
 fn prompt_tokens(model: &Model, which: &str, text: &str) -> Result<PromptRecord> {
     if text.trim().is_empty() {
         return Err(Error::Input(format!("the {which} prompt is empty")));
     }
     let token_ids = model.tokenizer.encode_prompt(text)?;
+    check_in_vocabulary(model, &token_ids, text)?;
     if token_ids.is_empty() {
         return Err(Error::Input(format!("the {which} prompt has no tokens")));
     }
