@@ -795,3 +795,21 @@ fn strict_loaders_refuse_what_they_do_not_understand() {
         "{msg}"
     );
 }
+
+/// A GGUF file cut short is reported as truncated, naming the tensor and the file.
+#[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
+fn truncated_gguf_is_reported_as_truncated() {
+    let dir = TempDir::new("truncated-gguf");
+    let bytes = std::fs::read(common::smollm2_gguf()).unwrap();
+    let cut = dir.0.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 4]).unwrap();
+    let msg = load_error(ModelSource::Gguf(cut));
+    assert!(
+        msg.contains("cannot read tensor") && msg.contains("truncated?") && msg.ends_with("cut.gguf"),
+        "{msg}"
+    );
+}

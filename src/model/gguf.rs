@@ -77,6 +77,20 @@ impl GgufFile {
             .collect()
     }
 
+    /// Whether tensor `name`'s data, by its header, lies inside the file.
+    fn tensor_fits(&self, name: &str) -> bool {
+        let (Some(info), Ok(meta)) = (self.content.tensor_infos.get(name), self.file.metadata()) else {
+            return false;
+        };
+        let dtype = info.ggml_dtype;
+        let bytes = (info.shape.elem_count() / dtype.block_size().max(1)) as u64 * dtype.type_size() as u64;
+        self.content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes))
+            .is_some_and(|end| end <= meta.len())
+    }
+
     /// Whether the file has a separate unembedding (`output.weight`).
     pub fn has_output_weight(&self) -> bool {
         self.content.tensor_infos.contains_key("output.weight")
@@ -92,8 +106,13 @@ impl GgufFile {
                 continue; // e.g. rope_freqs: derived from metadata instead
             };
             let q = self.content.tensor(&mut self.file, &name, &Device::Cpu).map_err(|e| {
+                let why = if self.tensor_fits(&name) {
+                    "its quantization type or layout is not supported"
+                } else {
+                    "it runs past the end of the file: truncated?"
+                };
                 Error::model_file(
-                    format!("cannot read tensor '{name}' (truncated file? {})", candle_text(&e)),
+                    format!("cannot read tensor '{name}' ({why}: {})", candle_text(&e)),
                     &self.path,
                 )
             })?;
