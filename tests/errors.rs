@@ -777,6 +777,23 @@ fn strict_loaders_refuse_what_they_do_not_understand() {
     let msg = load_error(ModelSource::Folder(folder));
     assert!(msg.contains("config.json is not a regular file"), "{msg}");
 
+    // A weight relabelled as integers in the safetensors header (same size, so the file is valid).
+    let folder = dir.0.join("relabelled");
+    write_tiny_model(&folder, &qwen3);
+    let weights = folder.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    let relabelled = header.replacen("\"F32\"", "\"I32\"", 1);
+    assert_ne!(header, relabelled);
+    bytes.splice(8..8 + header_len, relabelled.into_bytes());
+    std::fs::write(&weights, bytes).unwrap();
+    let msg = load_error(ModelSource::Folder(folder));
+    assert!(
+        msg.contains("is stored as I32; weights must be floating point") && msg.ends_with("model.safetensors"),
+        "{msg}"
+    );
+
     // A GGUF header with general.alignment = 0 (candle's reader divides by it).
     let gguf = dir.0.join("zero-alignment.gguf");
     let mut bytes = b"GGUF".to_vec();
@@ -796,7 +813,8 @@ fn strict_loaders_refuse_what_they_do_not_understand() {
     );
 }
 
-/// A GGUF file cut short is reported as truncated, naming the tensor and the file.
+/// A GGUF file cut short is reported as truncated from its header, naming a tensor and the file,
+/// before any tensor is read.
 #[test]
 #[cfg_attr(
     skip_model_tests,
@@ -809,7 +827,7 @@ fn truncated_gguf_is_reported_as_truncated() {
     std::fs::write(&cut, &bytes[..bytes.len() * 3 / 4]).unwrap();
     let msg = load_error(ModelSource::Gguf(cut));
     assert!(
-        msg.contains("cannot read tensor") && msg.contains("truncated?") && msg.ends_with("cut.gguf"),
+        msg.contains("lies outside the file (truncated") && msg.ends_with("cut.gguf"),
         "{msg}"
     );
 }

@@ -60,11 +60,50 @@ impl GgufFile {
         let content = quietly(|| gguf_file::Content::read(&mut file))
             .map_err(|why| Error::model_file(format!("not a readable GGUF file (malformed header: {why})"), path))?
             .map_err(|e| Error::model_file(format!("not a readable GGUF file ({})", candle_text(&e)), path))?;
-        Ok(Self {
+        let gguf = Self {
             path: path.to_owned(),
             content,
             file,
-        })
+        };
+        gguf.check_extents()?;
+        Ok(gguf)
+    }
+
+    /// Every tensor's data inside the file, and no two overlapping: checked from the header before
+    /// any tensor is read.
+    fn check_extents(&self) -> Result<()> {
+        let mut extents: Vec<(u64, u64, &str)> = Vec::with_capacity(self.content.tensor_infos.len());
+        for name in self.content.tensor_infos.keys() {
+            let Some((start, end)) = self.extent(name) else {
+                return Err(Error::model_file(
+                    format!("tensor '{name}' lies outside the file (truncated, or a corrupt header)"),
+                    &self.path,
+                ));
+            };
+            extents.push((start, end, name));
+        }
+        extents.sort();
+        for pair in extents.windows(2) {
+            let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+            if start < end {
+                return Err(Error::model_file(
+                    format!("tensors '{a}' and '{b}' overlap in the file (a corrupt header)"),
+                    &self.path,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where tensor `name`'s data lies in the file, `(start, end)`; None when it does not lie inside it.
+    fn extent(&self, name: &str) -> Option<(u64, u64)> {
+        let info = self.content.tensor_infos.get(name)?;
+        let len = self.file.metadata().ok()?.len();
+        let dtype = info.ggml_dtype;
+        let bytes = (info.shape.elem_count() / dtype.block_size().max(1)) as u64 * dtype.type_size() as u64;
+        let start = self.content.tensor_data_offset.checked_add(info.offset)?;
+        let end = start.checked_add(bytes)?;
+        (end <= len).then_some((start, end))
     }
 
     /// Every tensor the decoder would read, by its HF name, with its shape (`[out, in]` as in HF
@@ -75,20 +114,6 @@ impl GgufFile {
             .iter()
             .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
             .collect()
-    }
-
-    /// Whether tensor `name`'s data, by its header, lies inside the file.
-    fn tensor_fits(&self, name: &str) -> bool {
-        let (Some(info), Ok(meta)) = (self.content.tensor_infos.get(name), self.file.metadata()) else {
-            return false;
-        };
-        let dtype = info.ggml_dtype;
-        let bytes = (info.shape.elem_count() / dtype.block_size().max(1)) as u64 * dtype.type_size() as u64;
-        self.content
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|start| start.checked_add(bytes))
-            .is_some_and(|end| end <= meta.len())
     }
 
     /// Whether the file has a separate unembedding (`output.weight`).
@@ -106,7 +131,7 @@ impl GgufFile {
                 continue; // e.g. rope_freqs: derived from metadata instead
             };
             let q = self.content.tensor(&mut self.file, &name, &Device::Cpu).map_err(|e| {
-                let why = if self.tensor_fits(&name) {
+                let why = if self.extent(&name).is_some() {
                     "its quantization type or layout is not supported"
                 } else {
                     "it runs past the end of the file: truncated?"

@@ -61,12 +61,21 @@ pub fn safetensors_tensors(files: &[PathBuf]) -> Result<Vec<(String, Vec<usize>)
                 f,
             )
         })?;
-        tensors.extend(
-            mapped
-                .tensors()
-                .into_iter()
-                .map(|(name, view)| (name, view.shape().to_vec())),
-        );
+        for (name, view) in mapped.tensors() {
+            // Weights are floats; an integer or boolean tensor where a weight should be would be
+            // converted to floats without a word.
+            use safetensors::Dtype as D;
+            if !matches!(view.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) {
+                return Err(Error::model_file(
+                    format!(
+                        "tensor {name} is stored as {:?}; weights must be floating point",
+                        view.dtype()
+                    ),
+                    f,
+                ));
+            }
+            tensors.push((name, view.shape().to_vec()));
+        }
     }
     Ok(tensors)
 }
