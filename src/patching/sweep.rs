@@ -467,24 +467,16 @@ impl<'m> Sweep<'m> {
                 answer_logits: [row[correct as usize], row[incorrect as usize]],
             }
         };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if threads == 1 || block.len() <= 1 {
+        if block.len() <= 1 {
             return block.iter().zip(&logits).map(|(c, r)| cell(c, r)).collect();
         }
-        let per_thread = block.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = block
-                .chunks(per_thread)
-                .zip(logits.chunks(per_thread))
-                .map(|(cells, rows)| {
-                    scope.spawn(move || cells.iter().zip(rows).map(|(c, r)| cell(c, r)).collect::<Vec<Cell>>())
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect::<Vec<Cell>>()
-        })
+        // On rayon's pool, which the CPU kernels already keep: no threads started per block.
+        use rayon::prelude::*;
+        block
+            .par_iter()
+            .zip(logits.par_iter())
+            .map(|(c, r)| cell(c, r))
+            .collect()
     }
 
     /// The fast schedule's blocks of `cells` ([`fast_blocks`]).
