@@ -111,10 +111,15 @@ pub fn fetch_model(repo_id: &str, revision: &str, on_progress: &mut dyn FnMut(&D
         .ok()
         .filter(|t| !t.is_empty())
         .or_else(|| cache.token());
-    let api = ApiBuilder::from_cache(cache.clone())
+    let mut builder = ApiBuilder::from_cache(cache.clone())
         .with_progress(false)
         .with_token(token)
-        .with_retries(1)
+        .with_retries(1);
+    // A mirror or a test server instead of huggingface.co, as huggingface_hub reads it.
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_owned());
+    }
+    let api = builder
         .build()
         .map_err(|e| Error::Hub(format!("cannot set up Hub access: {e}")))?;
     let remote = api.repo(repo.clone());
