@@ -52,58 +52,16 @@ impl GgufFile {
     /// Opens and parses the header of a `.gguf` file.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io("opening the GGUF file", e, path))?;
-        if !file.metadata().is_ok_and(|m| m.is_file()) {
-            return Err(Error::model_file("not a regular file", path));
-        }
-        // candle's header reader panics on some malformed headers (a zero `general.alignment`
-        // divides by zero): such a file is refused like any other unreadable one.
-        let content = quietly(|| gguf_file::Content::read(&mut file))
-            .map_err(|why| Error::model_file(format!("not a readable GGUF file (malformed header: {why})"), path))?
-            .map_err(|e| Error::model_file(format!("not a readable GGUF file ({})", candle_text(&e)), path))?;
-        let gguf = Self {
+        let len = match file.metadata() {
+            Ok(m) if m.is_file() => m.len(),
+            _ => return Err(Error::model_file("not a regular file", path)),
+        };
+        let content = read_header(&mut file, len).map_err(|why| Error::model_file(why, path))?;
+        Ok(Self {
             path: path.to_owned(),
             content,
             file,
-        };
-        gguf.check_extents()?;
-        Ok(gguf)
-    }
-
-    /// Every tensor's data inside the file, and no two overlapping: checked from the header before
-    /// any tensor is read.
-    fn check_extents(&self) -> Result<()> {
-        let mut extents: Vec<(u64, u64, &str)> = Vec::with_capacity(self.content.tensor_infos.len());
-        for name in self.content.tensor_infos.keys() {
-            let Some((start, end)) = self.extent(name) else {
-                return Err(Error::model_file(
-                    format!("tensor '{name}' lies outside the file (truncated, or a corrupt header)"),
-                    &self.path,
-                ));
-            };
-            extents.push((start, end, name));
-        }
-        extents.sort();
-        for pair in extents.windows(2) {
-            let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
-            if start < end {
-                return Err(Error::model_file(
-                    format!("tensors '{a}' and '{b}' overlap in the file (a corrupt header)"),
-                    &self.path,
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Where tensor `name`'s data lies in the file, `(start, end)`; None when it does not lie inside it.
-    fn extent(&self, name: &str) -> Option<(u64, u64)> {
-        let info = self.content.tensor_infos.get(name)?;
-        let len = self.file.metadata().ok()?.len();
-        let dtype = info.ggml_dtype;
-        let bytes = (info.shape.elem_count() / dtype.block_size().max(1)) as u64 * dtype.type_size() as u64;
-        let start = self.content.tensor_data_offset.checked_add(info.offset)?;
-        let end = start.checked_add(bytes)?;
-        (end <= len).then_some((start, end))
+        })
     }
 
     /// Every tensor the decoder would read, by its HF name, with its shape (`[out, in]` as in HF
@@ -131,7 +89,8 @@ impl GgufFile {
                 continue; // e.g. rope_freqs: derived from metadata instead
             };
             let q = self.content.tensor(&mut self.file, &name, &Device::Cpu).map_err(|e| {
-                let why = if self.extent(&name).is_some() {
+                let len = self.file.metadata().map_or(0, |m| m.len());
+                let why = if extent(&self.content, &name, len).is_some() {
                     "its quantization type or layout is not supported"
                 } else {
                     "it runs past the end of the file: truncated?"
@@ -155,6 +114,50 @@ impl GgufFile {
         }
         Ok(VarBuilder::from_tensors(tensors, dtype, device))
     }
+}
+
+/// Parses a GGUF header from `reader` (a file of `len` bytes) and checks that every tensor's data
+/// lies inside it, no two overlapping, before anything is read. The error says why, for a message
+/// that names the file.
+pub fn read_header<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+    len: u64,
+) -> std::result::Result<gguf_file::Content, String> {
+    // candle's header reader panics on some malformed headers (a zero `general.alignment`
+    // divides by zero): such a file is refused like any other unreadable one.
+    let content = quietly(|| gguf_file::Content::read(reader))
+        .map_err(|why| format!("not a readable GGUF file (malformed header: {why})"))?
+        .map_err(|e| format!("not a readable GGUF file ({})", candle_text(&e)))?;
+    let mut extents: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
+    for name in content.tensor_infos.keys() {
+        let Some((start, end)) = extent(&content, name, len) else {
+            return Err(format!(
+                "tensor '{name}' lies outside the file (truncated, or a corrupt header)"
+            ));
+        };
+        extents.push((start, end, name));
+    }
+    extents.sort();
+    for pair in extents.windows(2) {
+        let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+        if start < end {
+            return Err(format!(
+                "tensors '{a}' and '{b}' overlap in the file (a corrupt header)"
+            ));
+        }
+    }
+    Ok(content)
+}
+
+/// Where tensor `name`'s data lies in a file of `len` bytes, `(start, end)`; None when it does not
+/// lie inside it.
+fn extent(content: &gguf_file::Content, name: &str, len: u64) -> Option<(u64, u64)> {
+    let info = content.tensor_infos.get(name)?;
+    let dtype = info.ggml_dtype;
+    let bytes = (info.shape.elem_count() / dtype.block_size().max(1)) as u64 * dtype.type_size() as u64;
+    let start = content.tensor_data_offset.checked_add(info.offset)?;
+    let end = start.checked_add(bytes)?;
+    (end <= len).then_some((start, end))
 }
 
 /// Inverse of llama.cpp's `permute`: rows grouped per head as (half, 2) go back to (2, half).

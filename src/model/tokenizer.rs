@@ -51,13 +51,19 @@ impl TextTokenizer {
             }
             Ok(_) => {}
         }
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::model_file(format!("cannot read tokenizer.json ({e})"), path))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io("reading tokenizer.json", e, path))?;
+        Self::from_json(&bytes).map_err(|why| Error::model_file(why, path))
+    }
+
+    /// A tokenizer from the contents of a tokenizer.json; the error says why it cannot be used.
+    pub fn from_json(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| format!("cannot read tokenizer.json ({e})"))?;
         // A sweep needs every token of its prompts: a tokenizer.json that truncates (or pads)
         // would cut or change them silently.
         inner
             .with_truncation(None)
-            .map_err(|e| Error::model_file(format!("cannot switch truncation off ({e})"), path))?;
+            .map_err(|e| format!("cannot switch truncation off ({e})"))?;
         inner.with_padding(None);
         Ok(Self { inner, bos: None })
     }

@@ -61,23 +61,34 @@ pub fn safetensors_tensors(files: &[PathBuf]) -> Result<Vec<(String, Vec<usize>)
                 f,
             )
         })?;
-        for (name, view) in mapped.tensors() {
-            // Weights are floats; an integer or boolean tensor where a weight should be would be
-            // converted to floats without a word.
-            use safetensors::Dtype as D;
-            if !matches!(view.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) {
-                return Err(Error::model_file(
-                    format!(
-                        "tensor {name} is stored as {:?}; weights must be floating point",
-                        view.dtype()
-                    ),
-                    f,
-                ));
-            }
-            tensors.push((name, view.shape().to_vec()));
-        }
+        tensors.extend(float_tensors(mapped.tensors()).map_err(|why| Error::model_file(why, f))?);
     }
     Ok(tensors)
+}
+
+/// The names and shapes of the tensors in one safetensors file's contents (`bytes`), checked as
+/// [`safetensors_tensors`] checks files; the error says why they cannot be used.
+pub fn safetensors_header(bytes: &[u8]) -> std::result::Result<Vec<(String, Vec<usize>)>, String> {
+    let parsed = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("cannot read safetensors weights (truncated or corrupt file? {e})"))?;
+    float_tensors(parsed.tensors())
+}
+
+/// Names and shapes, refusing weights that are not floating point: an integer or boolean tensor
+/// where a weight should be would be converted to floats without a word.
+fn float_tensors(
+    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+) -> std::result::Result<Vec<(String, Vec<usize>)>, String> {
+    use safetensors::Dtype as D;
+    views
+        .into_iter()
+        .map(|(name, view)| match view.dtype() {
+            D::F32 | D::F16 | D::BF16 | D::F64 => Ok((name, view.shape().to_vec())),
+            other => Err(format!(
+                "tensor {name} is stored as {other:?}; weights must be floating point"
+            )),
+        })
+        .collect()
 }
 
 /// Checks a checkpoint's tensors against what `cfg` describes before any weight is read: the same
