@@ -67,11 +67,7 @@ impl GgufFile {
     /// Every tensor the decoder would read, by its HF name, with its shape (`[out, in]` as in HF
     /// checkpoints).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        self.content
-            .tensor_infos
-            .iter()
-            .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
-            .collect()
+        tensor_list(&self.content)
     }
 
     /// Whether the file has a separate unembedding (`output.weight`).
@@ -147,6 +143,15 @@ pub fn read_header<R: std::io::Read + std::io::Seek>(
         }
     }
     Ok(content)
+}
+
+/// A GGUF header's tensors the decoder would read, by their HF names, with their shapes.
+pub fn tensor_list(content: &gguf_file::Content) -> Vec<(String, Vec<usize>)> {
+    content
+        .tensor_infos
+        .iter()
+        .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
+        .collect()
 }
 
 /// Where tensor `name`'s data lies in a file of `len` bytes, `(start, end)`; None when it does not

@@ -108,6 +108,17 @@ pub fn check_checkpoint(cfg: &ArchConfig, present: &[(String, Vec<usize>)]) -> R
         })
         .max()
         .map_or(0, |l| l + 1);
+    // Every layer has at least this many tensors (two norms, four attention and three MLP
+    // matrices): a configuration claiming more layers than the tensors could fill is refused before
+    // the expected list is built.
+    const TENSORS_PER_LAYER: usize = 9;
+    if cfg.num_layers > present.len() / TENSORS_PER_LAYER {
+        return Err(Error::ModelConfig(format!(
+            "the configuration says {} layers; the weights hold only {} tensors",
+            cfg.num_layers,
+            present.len()
+        )));
+    }
     if layers_present != cfg.num_layers {
         return Err(Error::ModelConfig(format!(
             "the configuration says {} layers, the weights have {layers_present}",
