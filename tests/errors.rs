@@ -744,9 +744,15 @@ fn strict_loaders_refuse_what_they_do_not_understand() {
     assert!(msg.contains("does not use") && msg.contains("q_norm"), "{msg}");
     // A layer count far beyond the weights: refused from the tensors, nothing allocated.
     let msg = refusal("layers", &|c| c["num_hidden_layers"] = (1u64 << 62).into());
-    assert!(msg.contains("the configuration says 4611686018427387904 layers"), "{msg}");
+    assert!(
+        msg.contains("the configuration says 4611686018427387904 layers"),
+        "{msg}"
+    );
     let msg = refusal("fewer-layers", &|c| c["num_hidden_layers"] = 2.into());
-    assert!(msg.contains("the configuration says 2 layers, the weights have 3"), "{msg}");
+    assert!(
+        msg.contains("the configuration says 2 layers, the weights have 3"),
+        "{msg}"
+    );
     let msg = refusal("kv-heads", &|c| c["num_key_value_heads"] = 4.into());
     assert!(msg.contains("has shape") && msg.contains("k_proj"), "{msg}");
 

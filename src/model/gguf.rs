@@ -12,35 +12,6 @@ use candle_nn::VarBuilder;
 use super::config::{ArchConfig, Family};
 use crate::error::{Error, Result, candle_text};
 
-thread_local! {
-    /// Set while [`quietly`] runs on this thread: its panics are caught and reported as errors.
-    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f`, turning a panic into an error carrying its message, without the panic hook printing
-/// it (other threads' panics print as usual).
-fn quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !QUIET.with(|q| q.get()) {
-                previous(info);
-            }
-        }));
-    });
-    QUIET.with(|q| q.set(true));
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    QUIET.with(|q| q.set(false));
-    outcome.map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "the reader failed".into())
-    })
-}
-
 /// An opened GGUF file: its metadata plus a reader for tensor data.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -121,7 +92,7 @@ pub fn read_header<R: std::io::Read + std::io::Seek>(
 ) -> std::result::Result<gguf_file::Content, String> {
     // candle's header reader panics on some malformed headers (a zero `general.alignment`
     // divides by zero): such a file is refused like any other unreadable one.
-    let content = quietly(|| gguf_file::Content::read(reader))
+    let content = crate::error::quietly(|| gguf_file::Content::read(reader))
         .map_err(|why| format!("not a readable GGUF file (malformed header: {why})"))?
         .map_err(|e| format!("not a readable GGUF file ({})", candle_text(&e)))?;
     let mut extents: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
@@ -159,7 +130,12 @@ pub fn tensor_list(content: &gguf_file::Content) -> Vec<(String, Vec<usize>)> {
 fn extent(content: &gguf_file::Content, name: &str, len: u64) -> Option<(u64, u64)> {
     let info = content.tensor_infos.get(name)?;
     let dtype = info.ggml_dtype;
-    let bytes = (info.shape.elem_count() / dtype.block_size().max(1)) as u64 * dtype.type_size() as u64;
+    let elements = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))?;
+    let bytes = (elements / dtype.block_size().max(1) as u64).checked_mul(dtype.type_size() as u64)?;
     let start = content.tensor_data_offset.checked_add(info.offset)?;
     let end = start.checked_add(bytes)?;
     (end <= len).then_some((start, end))

@@ -57,8 +57,11 @@ impl TextTokenizer {
 
     /// A tokenizer from the contents of a tokenizer.json; the error says why it cannot be used.
     pub fn from_json(bytes: &[u8]) -> std::result::Result<Self, String> {
-        let mut inner =
-            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| format!("cannot read tokenizer.json ({e})"))?;
+        // tokenizers panics on some malformed files (a truncated decoder section): refused like any
+        // other unreadable one.
+        let mut inner = crate::error::quietly(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|why| format!("cannot read tokenizer.json ({why})"))?
+            .map_err(|e| format!("cannot read tokenizer.json ({e})"))?;
         // A sweep needs every token of its prompts: a tokenizer.json that truncates (or pads)
         // would cut or change them silently.
         inner

@@ -109,6 +109,26 @@ pub fn write_tiny_model(dir: &Path, config: &serde_json::Value) -> HashMap<Strin
     sums
 }
 
+/// The architecture the fuzz corpus's safetensors seed is shaped for: one Qwen3 layer, hidden size 4.
+pub fn fuzz_arch() -> ArchConfig {
+    use patchbay::model::config::{Family, RopeScaling};
+    ArchConfig {
+        family: Family::Qwen3,
+        vocab_size: 6,
+        hidden_size: 4,
+        intermediate_size: 8,
+        num_layers: 1,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 2,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: 64,
+        tie_word_embeddings: true,
+    }
+}
+
 /// The tiny reference models (tests/fixtures/tiny_reference.json): name and config.json, Qwen3 first.
 pub fn tiny_configs() -> Vec<(String, serde_json::Value)> {
     fixture_json("tiny_reference.json")["models"]
