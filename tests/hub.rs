@@ -1,7 +1,8 @@
 //! The Hub download path, for real: `patchbay info --model owner/name` against a local HTTP server
 //! that answers as the Hugging Face Hub does (`HF_ENDPOINT`), serving the tiny reference model.
 //! Byte progress, a sharded checkpoint, a download cut off mid-file and resumed, a gated repo with
-//! and without `HF_TOKEN`, an unknown repo, and a second start offline from the cache.
+//! and without `HF_TOKEN`, an unknown repo, and a second start offline from the cache; then the app
+//! on the same Hub, showing the same messages.
 
 mod common;
 
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use common::{TempDir, write_tiny};
+use egui_kittest::kittest::Queryable;
 
 /// The token the gated repo accepts.
 const TOKEN: &str = "hf_test_token";
