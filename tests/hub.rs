@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use common::{TempDir, write_tiny};
-use egui_kittest::kittest::Queryable;
 
 /// The token the gated repo accepts.
 const TOKEN: &str = "hf_test_token";
