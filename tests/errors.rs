@@ -648,6 +648,11 @@ fn cli_outputs_never_clobber_what_the_path_points_to() {
     assert_eq!(code, 0, "{stderr}");
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
 
+    // /dev/stdout names a pipe here: written into, as any device.
+    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", "/dev/stdout", "-q"]), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("\"format\": \"patchbay.sweep.v1\""), "{stdout}");
+
     // `-`: the JSON on standard output, the report on stderr.
     let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &["--out", "-", "-q"]), &[]);
     assert_eq!(code, 0, "{stderr}");

@@ -21,23 +21,21 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
             .and_then(|()| out.flush())
             .map_err(|e| Error::io("writing to standard output", e, path));
     }
-    let target = resolve_links(path)?;
-    match std::fs::metadata(&target) {
+    // What the path names, every link followed by the OS (including /dev/stdout's, which point
+    // at pipes and terminals rather than paths).
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(Error::Io {
+            message: "cannot write results: this is a folder; give a file name in it".into(),
+            path: path.to_owned(),
+        }),
         Ok(meta) if !meta.is_file() => {
-            if meta.is_dir() {
-                return Err(Error::Io {
-                    message: "cannot write results: this is a folder; give a file name in it".into(),
-                    path: path.to_owned(),
-                });
-            }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
-                .open(&target)
-                .map_err(|e| Error::io("opening the file", e, &target))?;
-            f.write_all(bytes)
-                .map_err(|e| Error::io("writing the file", e, &target))
+                .open(path)
+                .map_err(|e| Error::io("opening the file", e, path))?;
+            f.write_all(bytes).map_err(|e| Error::io("writing the file", e, path))
         }
-        _ => write_atomic(&target, bytes),
+        _ => write_atomic(&resolve_links(path)?, bytes),
     }
 }
 

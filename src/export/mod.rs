@@ -90,14 +90,14 @@ pub fn save_as(result: &SweepResult, path: &Path, format: Format, range: Option<
 /// none is a folder, no two name the same file (after following links), at most one is `-`
 /// (standard output), and none is one of the `protected` files (the model being swept).
 pub fn check_outputs(outputs: &[&Path], protected: &[PathBuf]) -> Result<()> {
-    let protected: Vec<PathBuf> = protected.iter().filter_map(|p| identity(p)).collect();
-    let mut seen: Vec<(PathBuf, &Path)> = Vec::new();
+    let protected: Vec<Identity> = protected.iter().filter_map(|p| identity(p)).collect();
+    let mut seen: Vec<(Option<Identity>, &Path)> = Vec::new();
     for &path in outputs {
         if path == Path::new(data::STDOUT) {
             if seen.iter().any(|(_, p)| *p == path) {
                 return Err(Error::Input("only one output can go to standard output (-)".into()));
             }
-            seen.push((path.to_owned(), path));
+            seen.push((None, path));
             continue;
         }
         check_writable(path)?;
@@ -108,7 +108,7 @@ pub fn check_outputs(outputs: &[&Path], protected: &[PathBuf]) -> Result<()> {
                 path: path.to_owned(),
             });
         }
-        if let Some((_, first)) = seen.iter().find(|(other, _)| *other == id) {
+        if let Some((_, first)) = seen.iter().find(|(other, _)| other.as_ref() == Some(&id)) {
             return Err(Error::Io {
                 message: format!(
                     "two outputs name the same file ({} and this one); give each its own",
@@ -117,42 +117,64 @@ pub fn check_outputs(outputs: &[&Path], protected: &[PathBuf]) -> Result<()> {
                 path: path.to_owned(),
             });
         }
-        seen.push((id, path));
+        seen.push((Some(id), path));
     }
     Ok(())
 }
 
-/// Fails when an output file cannot be created: its folder is missing, or it is a folder.
+/// Fails when an output file cannot be created: its folder is missing, or it is a folder. An
+/// existing device, FIFO or terminal (/dev/null, /dev/stdout) is written as it is.
 fn check_writable(path: &Path) -> Result<()> {
-    let target = data::resolve_links(path)?;
-    let dir = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(Error::Io {
-            message: "cannot write results: the folder does not exist".into(),
-            path: dir.to_owned(),
-        });
-    }
-    if target.is_dir() {
-        return Err(Error::Io {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(Error::Io {
             message: "cannot write results: this is a folder; give a file name in it".into(),
             path: path.to_owned(),
-        });
+        }),
+        Ok(meta) if !meta.is_file() => Ok(()),
+        _ => {
+            let target = data::resolve_links(path)?;
+            let dir = target
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if dir.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::Io {
+                    message: "cannot write results: the folder does not exist".into(),
+                    path: dir.to_owned(),
+                })
+            }
+        }
     }
-    Ok(())
 }
 
-/// The file a path names, links followed and its folder made absolute; None when its folder is
-/// missing.
-fn identity(path: &Path) -> Option<PathBuf> {
+/// What a path names, to tell when two name the same file: an existing file by its device and
+/// inode (whatever links lead to it), a new one by its folder made absolute and its name. None when
+/// its folder is missing.
+#[derive(Debug, PartialEq)]
+enum Identity {
+    Existing(u64, u64),
+    New(PathBuf),
+}
+
+fn identity(path: &Path) -> Option<Identity> {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        return Some(Identity::Existing(meta.dev(), meta.ino()));
+    }
     let target = data::resolve_links(path).ok()?;
+    if let Ok(full) = std::fs::canonicalize(&target) {
+        return Some(Identity::New(full));
+    }
     let dir = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    Some(std::fs::canonicalize(dir).ok()?.join(target.file_name()?))
+    Some(Identity::New(
+        std::fs::canonicalize(dir).ok()?.join(target.file_name()?),
+    ))
 }
 
 #[cfg(test)]
