@@ -274,3 +274,81 @@ fn command_line_settings_start_the_app_and_run() {
     assert_eq!(h.state_mut().settings_mut().clean, clean);
     assert_eq!(h.state_mut().settings_mut().preset, None);
 }
+
+/// Every preset's name and note draws with the bundled fonts (the harness panics on a missing
+/// glyph unless told otherwise), and the note is body-size text.
+#[test]
+fn presets_draw_without_missing_glyphs() {
+    let dir = TempDir::new("gui-glyphs");
+    let start = StartOptions {
+        model: Some(write_tiny(&dir, "tiny-qwen3")),
+        fresh: true,
+        ..Default::default()
+    };
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1400.0, 860.0))
+        .with_max_steps(100_000)
+        .build_eframe(move |cc| PatchbayApp::new(cc, start));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+    for preset in patchbay::app::presets::presets() {
+        h.state_mut().settings_mut().preset = Some(preset.name.clone());
+        h.run_steps(2);
+        assert!(h.query_by_label(&preset.explanation).is_some(), "{}", preset.name);
+    }
+    h.get_by_label("Preset").click();
+    h.run_steps(3);
+    for preset in patchbay::app::presets::presets() {
+        assert!(h.query_by_label(&preset.name).is_some(), "{} listed", preset.name);
+    }
+}
+
+/// Once the prompts change after a sweep, the heatmap says it belongs to the previous ones and
+/// the previous runs' suggestions go; "Save to" writes where no file dialog exists.
+#[test]
+fn a_previous_heatmap_is_marked_and_results_save_to_a_typed_path() {
+    let dir = TempDir::new("gui-stale");
+    let mut h = harness(&write_tiny(&dir, "tiny-qwen3"));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+    h.get_by_label("Run").click();
+    wait_until(&mut h, "the sweep", |a| {
+        a.result().is_some_and(|r| r.complete) && !a.is_busy()
+    });
+    let stale = "This heatmap is from the previous prompts";
+    assert!(h.query_by_label_contains(stale).is_none());
+    assert!(h.query_by_label("clean run's top:").is_some());
+
+    h.state_mut().settings_mut().clean = IOI_CORRUPTED.into();
+    h.state_mut().settings_mut().corrupted = IOI_CLEAN.into();
+    h.run_steps(3);
+    assert!(
+        h.query_by_label_contains(stale).is_some(),
+        "marked as the previous prompts'"
+    );
+    assert!(
+        h.query_by_label("clean run's top:").is_none(),
+        "the previous runs' suggestions go"
+    );
+    h.state_mut().settings_mut().clean = IOI_CLEAN.into();
+    h.state_mut().settings_mut().corrupted = IOI_CORRUPTED.into();
+    h.run_steps(3);
+    assert!(h.query_by_label_contains(stale).is_none());
+
+    // "Save to": a typed file name, in the format its extension names.
+    let out = dir.0.join("typed.csv");
+    h.state_mut().settings_mut().save_path = out.to_string_lossy().into_owned();
+    h.run_steps(2);
+    h.get_by_label("Save").click();
+    wait_until(&mut h, "the save", |a| a.message().is_some());
+    assert_eq!(
+        h.state().message().map(|(_, error)| *error),
+        Some(false),
+        "{:?}",
+        h.state().message()
+    );
+    assert!(std::fs::read_to_string(&out).unwrap().starts_with("layer,position,"));
+    h.state_mut().settings_mut().save_path = dir.0.join("no-such-folder/r.json").to_string_lossy().into_owned();
+    h.run_steps(2);
+    h.get_by_label("Save").click();
+    wait_until(&mut h, "the refusal", |a| a.message().is_some_and(|(_, error)| *error));
+    assert!(h.query_by_label_contains("the folder does not exist").is_some());
+}

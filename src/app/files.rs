@@ -9,6 +9,24 @@ use crate::model::ModelSource;
 use crate::patching::SweepResult;
 
 impl PatchbayApp {
+    /// Saves the current result to the path typed in "Save to" (relative to the folder the app
+    /// started in), in the format its extension names: what works where no file dialog does.
+    pub fn save_to_typed_path(&mut self) {
+        let Some(result) = self.result().cloned() else { return };
+        let path = std::path::PathBuf::from(self.settings.save_path.trim());
+        let range = heatmap::color_range(&result, self.heatmap.auto_range);
+        let protected = ModelSource::parse(&self.settings.model).map_or_else(|_| Vec::new(), |s| s.files());
+        let (tx, rx) = bounded(1);
+        self.file_task = Some(rx);
+        std::thread::spawn(move || {
+            let outcome = save_to(&result, &path, range, &protected).map(|saved| match std::fs::canonicalize(&path) {
+                Ok(full) => format!("saved {}", full.display()),
+                Err(_) => saved,
+            });
+            let _ = tx.send(outcome);
+        });
+    }
+
     pub(super) fn save_dialog(&mut self, figure: bool) {
         let Some(result) = self.result().cloned() else { return };
         let range = heatmap::color_range(&result, self.heatmap.auto_range);
@@ -36,7 +54,11 @@ impl PatchbayApp {
                     .set_file_name(format!("{name}.json"))
             };
             let outcome = match dialog.save_file() {
-                None => Err("nothing saved (dialog cancelled, or no file dialog available: install zenity or xdg-desktop-portal)".to_owned()),
+                None => Err(
+                    "nothing saved: the dialog was cancelled, or this desktop has no file dialog (no portal, no \
+                     zenity); type a file name in \"Save to\" below instead"
+                        .to_owned(),
+                ),
                 Some(path) => save_to(&result, &path, range, &protected),
             };
             let _ = tx.send(outcome);

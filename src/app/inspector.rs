@@ -14,6 +14,9 @@ impl PatchbayApp {
             return;
         };
         let r = &view.result;
+        if view.elapsed.is_some() && self.settings_differ_from(r) {
+            ui.label(RichText::new("These runs are the previous prompts'.").color(ERROR_TEXT));
+        }
         ui.label(format!(
             "clean LD {:+.4} · corrupted LD {:+.4}",
             r.clean_logit_diff, r.corrupted_logit_diff

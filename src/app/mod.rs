@@ -30,6 +30,13 @@ const DIFF_FILL: Color32 = Color32::from_rgb(150, 95, 20);
 const ERROR_TEXT: Color32 = Color32::from_rgb(230, 90, 80);
 const OK_TEXT: Color32 = Color32::from_rgb(110, 190, 120);
 
+/// Shown over a finished heatmap once the prompts, answers or component on the left no longer
+/// match it.
+const STALE_NOTE: &str =
+    "This heatmap is from the previous prompts (or answers, or component): press Run for the current ones.";
+/// How opaque such a heatmap is drawn.
+const STALE_OPACITY: f32 = 0.35;
+
 /// A model load in progress.
 struct Loading {
     spec: String,
@@ -155,6 +162,16 @@ impl PatchbayApp {
         }) {
             self.sweep_error = Some("the worker is not accepting work (busy queue); try again".into());
         }
+    }
+
+    /// Whether the prompts, answers or component being edited differ from those `result` swept.
+    pub fn settings_differ_from(&self, result: &SweepResult) -> bool {
+        let s = &self.settings;
+        s.clean != result.clean.text
+            || s.corrupted != result.corrupted.text
+            || s.correct != result.correct.text
+            || s.incorrect != result.incorrect.text
+            || s.component != result.component
     }
 
     /// Asks a running sweep to stop; finished cells stay.
@@ -348,12 +365,21 @@ impl eframe::App for PatchbayApp {
             let selected = self.selected;
             match &self.sweep {
                 Some(view) => {
+                    let stale = self.settings_differ_from(&view.result) && view.elapsed.is_some();
                     ui.horizontal(|ui| {
                         ui.label(RichText::new(export::figure::title(&view.result)).strong());
                         if ui.small_button("Reset view").on_hover_text("Fit the whole grid (or double-click the plot)").clicked() {
                             self.heatmap.reset_view();
                         }
                     });
+                    if stale {
+                        ui.label(
+                            RichText::new(STALE_NOTE)
+                                .color(ERROR_TEXT),
+                        );
+                        // Dimmed: the cells answer the previous prompts, not the ones on the left.
+                        ui.multiply_opacity(STALE_OPACITY);
+                    }
                     let response = self.heatmap.show(ui, &view.result, selected);
                     if let Some(cell) = response.clicked {
                         self.selected = Some(cell);

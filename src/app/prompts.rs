@@ -56,7 +56,7 @@ impl PatchbayApp {
         {
             egui::CollapsingHeader::new("What to look for")
                 .default_open(true)
-                .show(ui, |ui| ui.label(RichText::new(&p.explanation).small()));
+                .show(ui, |ui| ui.label(&p.explanation));
         }
     }
 
@@ -115,9 +115,13 @@ impl PatchbayApp {
     /// The correct and incorrect answers, each checked to be one token, with the clean and
     /// corrupted runs' top predictions one click away. Returns whether both are single tokens.
     fn answer_pickers(&mut self, ui: &mut Ui, tokenizer: Option<&Arc<TextTokenizer>>) -> bool {
+        // The last runs' top predictions, while they are runs of these prompts.
         let suggestions = self
             .sweep
             .as_ref()
+            .filter(|s| {
+                s.result.clean.text == self.settings.clean && s.result.corrupted.text == self.settings.corrupted
+            })
             .map(|s| (s.result.clean_top_k.clone(), s.result.corrupted_top_k.clone()));
         let mut answers_ok = true;
         egui::Grid::new("answers").num_columns(2).show(ui, |ui| {
@@ -278,6 +282,22 @@ impl PatchbayApp {
                 .clicked()
             {
                 self.save_dialog(false);
+            }
+        });
+        ui.horizontal(|ui| {
+            let label = ui.label("Save to");
+            let field = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.settings.save_path)
+                        .hint_text("results.json, fig.png, …")
+                        .desired_width(200.0),
+                )
+                .labelled_by(label.id)
+                .on_hover_text(".json, .csv or .npy for data, .png or .svg for the figure; relative to the folder the app started in");
+            let ready = self.sweep.is_some() && !self.settings.save_path.trim().is_empty();
+            let enter = field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if ui.add_enabled(ready, egui::Button::new("Save")).clicked() || (ready && enter) {
+                self.save_to_typed_path();
             }
         });
         if ui

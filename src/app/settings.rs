@@ -29,6 +29,8 @@ pub struct Settings {
     pub auto_range: bool,
     /// Run asks for confirmation first when a sweep has more cells to compute than this.
     pub confirm_above_cells: usize,
+    /// The file "Save to" writes (for desktops without a file dialog).
+    pub save_path: String,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             preset: None,
             auto_range: false,
             confirm_above_cells: DEFAULT_MAX_CELLS,
+            save_path: String::new(),
         };
         if let Some(p) = presets().first() {
             s.apply_preset(p);
