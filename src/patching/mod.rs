@@ -1,5 +1,6 @@
 //! Activation patching: what can be patched, the metric, sweeps over layers × positions, results.
 
+pub mod cost;
 pub mod logits;
 pub mod metric;
 pub mod progress;
@@ -8,6 +9,7 @@ pub mod result;
 pub mod schedule;
 pub mod sweep;
 
+pub use cost::Estimate;
 pub use progress::{Progress, SweepEvent};
 pub use request::{SweepRequest, TokenSweepRequest, ValidRequest};
 pub use result::{Cell, SweepResult, TopToken};
