@@ -26,6 +26,14 @@ fn main() -> candle_core::Result<()> {
     write(&dir("gguf"), "tiny-llama.gguf", &gguf);
     write(&dir("gguf"), "truncated.gguf", &gguf[..gguf.len() * 2 / 3]);
     write(&dir("gguf"), "zero-alignment.gguf", &tiny_gguf(0)?);
+    let arch = Value::String("llama".into());
+    let mut twice = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(
+        &mut twice,
+        &[("general.architecture", &arch), ("general.architecture", &arch)],
+        &[],
+    )?;
+    write(&dir("gguf"), "duplicate-key.gguf", &twice.into_inner());
 
     // config.json: the tiny reference models, both layouts, and the reported type confusions.
     let config = dir("config");

@@ -262,6 +262,23 @@ fn strict_loaders_refuse_what_they_do_not_understand() {
         "{msg}"
     );
 
+    // A GGUF key given twice (candle would keep the last).
+    let twice = dir.0.join("twice.gguf");
+    let (llama, qwen3) = (
+        candle_core::quantized::gguf_file::Value::String("llama".into()),
+        candle_core::quantized::gguf_file::Value::String("qwen3".into()),
+    );
+    let mut file = std::fs::File::create(&twice).unwrap();
+    candle_core::quantized::gguf_file::write(
+        &mut file,
+        &[("general.architecture", &llama), ("general.architecture", &qwen3)],
+        &[],
+    )
+    .unwrap();
+    drop(file);
+    let msg = load_error(ModelSource::Gguf(twice));
+    assert!(msg.contains("has the key 'general.architecture' twice"), "{msg}");
+
     // A GGUF header with general.alignment = 0 (candle's reader divides by it).
     let gguf = dir.0.join("zero-alignment.gguf");
     let mut bytes = b"GGUF".to_vec();

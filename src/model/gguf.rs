@@ -92,9 +92,19 @@ pub fn read_header<R: std::io::Read + std::io::Seek>(
 ) -> std::result::Result<gguf_file::Content, String> {
     // candle's header reader panics on some malformed headers (a zero `general.alignment`
     // divides by zero): such a file is refused like any other unreadable one.
+    let start = reader
+        .stream_position()
+        .map_err(|e| format!("cannot read the file ({e})"))?;
     let content = crate::error::quietly(|| gguf_file::Content::read(reader))
         .map_err(|why| format!("not a readable GGUF file (malformed header: {why})"))?
         .map_err(|e| format!("not a readable GGUF file ({})", candle_text(&e)))?;
+    // candle keeps the last of two entries with one key: a file that says two things is refused.
+    reader
+        .seek(std::io::SeekFrom::Start(start))
+        .map_err(|e| format!("cannot read the file ({e})"))?;
+    if let Some(key) = duplicate_key(reader)? {
+        return Err(format!("GGUF metadata has the key '{key}' twice"));
+    }
     let mut extents: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
     for name in content.tensor_infos.keys() {
         let Some((start, end)) = extent(&content, name, len) else {
@@ -123,6 +133,85 @@ pub fn tensor_list(content: &gguf_file::Content) -> Vec<(String, Vec<usize>)> {
         .iter()
         .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
         .collect()
+}
+
+/// The first metadata key a GGUF header (which candle has already read without error) repeats.
+fn duplicate_key<R: std::io::Read>(reader: &mut R) -> std::result::Result<Option<String>, String> {
+    fn bytes<R: std::io::Read, const N: usize>(r: &mut R) -> std::result::Result<[u8; N], String> {
+        let mut b = [0u8; N];
+        r.read_exact(&mut b)
+            .map_err(|e| format!("GGUF header cut short ({e})"))?;
+        Ok(b)
+    }
+    let magic = bytes::<R, 4>(reader)?;
+    let version = u32::from_le_bytes(bytes::<R, 4>(reader)?);
+    // Version 1 writes lengths and counts as u32, later ones as u64.
+    let wide = magic == *b"GGUF" && version >= 2;
+    let mut length = |r: &mut R| -> std::result::Result<u64, String> {
+        Ok(if wide {
+            u64::from_le_bytes(bytes::<R, 8>(r)?)
+        } else {
+            u64::from(u32::from_le_bytes(bytes::<R, 4>(r)?))
+        })
+    };
+    let _tensors = length(reader)?;
+    let entries = length(reader)?;
+    let mut keys = std::collections::HashSet::new();
+    for _ in 0..entries {
+        let key_len = length(reader)?;
+        let mut key = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut *reader, key_len), &mut key)
+            .map_err(|e| format!("GGUF header cut short ({e})"))?;
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let value_type = u32::from_le_bytes(bytes::<R, 4>(reader)?);
+        skip_value(reader, value_type, &mut length, 0)?;
+        if !keys.insert(key.clone()) {
+            return Ok(Some(key));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads past one GGUF metadata value of `value_type` (arrays nest at most a few levels deep).
+fn skip_value<R: std::io::Read>(
+    reader: &mut R,
+    value_type: u32,
+    length: &mut dyn FnMut(&mut R) -> std::result::Result<u64, String>,
+    depth: usize,
+) -> std::result::Result<(), String> {
+    const MAX_DEPTH: usize = 4;
+    let skip = |n: u64, r: &mut R| -> std::result::Result<(), String> {
+        let copied =
+            std::io::copy(&mut std::io::Read::take(&mut *r, n), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        if copied == n {
+            Ok(())
+        } else {
+            Err("GGUF header cut short".into())
+        }
+    };
+    match value_type {
+        0 | 1 | 7 => skip(1, reader), // u8, i8, bool
+        2 | 3 => skip(2, reader),     // u16, i16
+        4..=6 => skip(4, reader),     // u32, i32, f32
+        10..=12 => skip(8, reader),   // u64, i64, f64
+        8 => {
+            let n = length(reader)?;
+            skip(n, reader)
+        }
+        9 if depth < MAX_DEPTH => {
+            let mut t = [0u8; 4];
+            reader
+                .read_exact(&mut t)
+                .map_err(|e| format!("GGUF header cut short ({e})"))?;
+            let element = u32::from_le_bytes(t);
+            let count = length(reader)?;
+            for _ in 0..count {
+                skip_value(reader, element, length, depth + 1)?;
+            }
+            Ok(())
+        }
+        other => Err(format!("GGUF metadata value of unknown type {other}")),
+    }
 }
 
 /// Where tensor `name`'s data lies in a file of `len` bytes, `(start, end)`; None when it does not
