@@ -5,39 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::app::{harness, wait_until};
 use common::{IOI_CLEAN, IOI_CORRUPTED, TempDir, smollm2_gguf, write_tiny};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use patchbay::app::{PatchbayApp, StartOptions};
 use patchbay::patching::{Schedule, SweepOptions};
-
-const WAIT: Duration = Duration::from_secs(120);
-
-fn harness(model: &str) -> Harness<'static, PatchbayApp> {
-    let start = StartOptions {
-        model: Some(model.to_owned()),
-        demo_model: None,
-        fresh: true,
-        run_on_load: false,
-        ..Default::default()
-    };
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 860.0))
-        .with_max_steps(100_000)
-        .allow_missing_glyphs()
-        .build_eframe(move |cc| PatchbayApp::new(cc, start))
-}
-
-/// Steps the app until `done` holds (the worker runs in real time).
-fn wait_until(h: &mut Harness<'static, PatchbayApp>, what: &str, done: impl Fn(&PatchbayApp) -> bool) {
-    let start = Instant::now();
-    while !done(h.state()) {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        h.step();
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    h.run_steps(3);
-}
 
 fn click_at(h: &mut Harness<'static, PatchbayApp>, pos: egui::Pos2) {
     h.hover_at(pos);

@@ -3,38 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
+use common::app::{harness, wait_until};
 use common::{IOI_CLEAN, IOI_CORRUPTED, TempDir, write_tiny};
-use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use patchbay::app::{PatchbayApp, StartOptions};
-
-const WAIT: Duration = Duration::from_secs(120);
-
-fn harness(model: &str) -> Harness<'static, PatchbayApp> {
-    let start = StartOptions {
-        model: Some(model.to_owned()),
-        fresh: true,
-        ..Default::default()
-    };
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 860.0))
-        .with_max_steps(100_000)
-        .allow_missing_glyphs()
-        .build_eframe(move |cc| PatchbayApp::new(cc, start))
-}
-
-/// Steps the app until `done` holds (the worker runs in real time).
-fn wait_until(h: &mut Harness<'static, PatchbayApp>, what: &str, done: impl Fn(&PatchbayApp) -> bool) {
-    let start = Instant::now();
-    while !done(h.state()) {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        h.step();
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    h.run_steps(3);
-}
 
 /// The system allocator, counting the bytes live in this test process: a leak shows here whatever
 /// the allocator keeps cached.
