@@ -10,6 +10,10 @@ use super::{DIFF_FILL, ERROR_TEXT, OK_TEXT, PatchbayApp};
 use crate::model::TextTokenizer;
 use crate::patching::Component;
 
+/// A prompt editor grows to this height, then scrolls.
+const EDITOR_MAX_HEIGHT: f32 = 96.0;
+/// A prompt's token chips take at most this height, then scroll.
+const CHIPS_MAX_HEIGHT: f32 = 100.0;
 /// Suggested answers shown from the clean and corrupted runs' top predictions.
 const SUGGESTIONS: usize = 5;
 
@@ -67,30 +71,50 @@ impl PatchbayApp {
 
         ui.add_space(4.0);
         let label = ui.label(RichText::new("Clean prompt").strong());
-        ui.add(
-            egui::TextEdit::multiline(&mut self.settings.clean)
-                .desired_rows(2)
-                .desired_width(ui.available_width())
-                .id_salt("clean"),
-        )
-        .labelled_by(label.id);
+        // A long prompt scrolls inside its editor rather than pushing Run out of the panel.
+        let width = ui.available_width();
+        egui::ScrollArea::vertical()
+            .id_salt("clean editor")
+            .max_height(EDITOR_MAX_HEIGHT)
+            .show(ui, |ui| {
+                ui.add(
+                    egui::TextEdit::multiline(&mut self.settings.clean)
+                        .desired_rows(2)
+                        .desired_width(width)
+                        .id_salt("clean"),
+                )
+                .labelled_by(label.id);
+            });
         if let Some(t) = tokenizer {
             self.clean_tokens.update(&self.settings.clean, t, true);
             self.corrupted_tokens.update(&self.settings.corrupted, t, true);
-            token_chips(ui, &self.clean_tokens, &self.corrupted_tokens);
+            egui::ScrollArea::vertical()
+                .id_salt("clean chips")
+                .max_height(CHIPS_MAX_HEIGHT)
+                .show(ui, |ui| token_chips(ui, &self.clean_tokens, &self.corrupted_tokens));
         }
         ui.add_space(4.0);
         let label = ui.label(RichText::new("Corrupted prompt").strong());
-        ui.add(
-            egui::TextEdit::multiline(&mut self.settings.corrupted)
-                .desired_rows(2)
-                .desired_width(ui.available_width())
-                .id_salt("corrupted"),
-        )
-        .labelled_by(label.id);
+        // A long prompt scrolls inside its editor rather than pushing Run out of the panel.
+        let width = ui.available_width();
+        egui::ScrollArea::vertical()
+            .id_salt("corrupted editor")
+            .max_height(EDITOR_MAX_HEIGHT)
+            .show(ui, |ui| {
+                ui.add(
+                    egui::TextEdit::multiline(&mut self.settings.corrupted)
+                        .desired_rows(2)
+                        .desired_width(width)
+                        .id_salt("corrupted"),
+                )
+                .labelled_by(label.id);
+            });
         if let Some(t) = tokenizer {
             self.corrupted_tokens.update(&self.settings.corrupted, t, true);
-            token_chips(ui, &self.corrupted_tokens, &self.clean_tokens);
+            egui::ScrollArea::vertical()
+                .id_salt("corrupted chips")
+                .max_height(CHIPS_MAX_HEIGHT)
+                .show(ui, |ui| token_chips(ui, &self.corrupted_tokens, &self.clean_tokens));
         }
         if (self.settings.clean.clone(), self.settings.corrupted.clone()) != before {
             self.settings.preset = None;
