@@ -69,52 +69,17 @@ impl PatchbayApp {
     fn prompt_editors(&mut self, ui: &mut Ui, tokenizer: Option<&Arc<TextTokenizer>>) -> bool {
         let before = (self.settings.clean.clone(), self.settings.corrupted.clone());
 
-        ui.add_space(4.0);
-        let label = ui.label(RichText::new("Clean prompt").strong());
-        // A long prompt scrolls inside its editor rather than pushing Run out of the panel.
-        let width = ui.available_width();
-        egui::ScrollArea::vertical()
-            .id_salt("clean editor")
-            .max_height(EDITOR_MAX_HEIGHT)
-            .show(ui, |ui| {
-                ui.add(
-                    egui::TextEdit::multiline(&mut self.settings.clean)
-                        .desired_rows(2)
-                        .desired_width(width)
-                        .id_salt("clean"),
-                )
-                .labelled_by(label.id);
-            });
+        prompt_editor(ui, "Clean prompt", "clean", &mut self.settings.clean);
         if let Some(t) = tokenizer {
+            // Both first: each row's chips mark where it differs from the other prompt.
             self.clean_tokens.update(&self.settings.clean, t, true);
             self.corrupted_tokens.update(&self.settings.corrupted, t, true);
-            egui::ScrollArea::vertical()
-                .id_salt("clean chips")
-                .max_height(CHIPS_MAX_HEIGHT)
-                .show(ui, |ui| token_chips(ui, &self.clean_tokens, &self.corrupted_tokens));
+            chip_row(ui, "clean", &self.clean_tokens, &self.corrupted_tokens);
         }
-        ui.add_space(4.0);
-        let label = ui.label(RichText::new("Corrupted prompt").strong());
-        // A long prompt scrolls inside its editor rather than pushing Run out of the panel.
-        let width = ui.available_width();
-        egui::ScrollArea::vertical()
-            .id_salt("corrupted editor")
-            .max_height(EDITOR_MAX_HEIGHT)
-            .show(ui, |ui| {
-                ui.add(
-                    egui::TextEdit::multiline(&mut self.settings.corrupted)
-                        .desired_rows(2)
-                        .desired_width(width)
-                        .id_salt("corrupted"),
-                )
-                .labelled_by(label.id);
-            });
+        prompt_editor(ui, "Corrupted prompt", "corrupted", &mut self.settings.corrupted);
         if let Some(t) = tokenizer {
             self.corrupted_tokens.update(&self.settings.corrupted, t, true);
-            egui::ScrollArea::vertical()
-                .id_salt("corrupted chips")
-                .max_height(CHIPS_MAX_HEIGHT)
-                .show(ui, |ui| token_chips(ui, &self.corrupted_tokens, &self.clean_tokens));
+            chip_row(ui, "corrupted", &self.corrupted_tokens, &self.clean_tokens);
         }
         if (self.settings.clean.clone(), self.settings.corrupted.clone()) != before {
             self.settings.preset = None;
@@ -373,6 +338,33 @@ impl Tokens {
             }
         }
     }
+}
+
+/// A titled prompt editor. A long prompt scrolls inside it rather than pushing Run out of the panel.
+fn prompt_editor(ui: &mut Ui, title: &str, salt: &str, text: &mut String) {
+    ui.add_space(4.0);
+    let label = ui.label(RichText::new(title).strong());
+    let width = ui.available_width();
+    egui::ScrollArea::vertical()
+        .id_salt(format!("{salt} editor"))
+        .max_height(EDITOR_MAX_HEIGHT)
+        .show(ui, |ui| {
+            ui.add(
+                egui::TextEdit::multiline(text)
+                    .desired_rows(2)
+                    .desired_width(width)
+                    .id_salt(salt),
+            )
+            .labelled_by(label.id);
+        });
+}
+
+/// A prompt's tokens as chips, scrolling past [`CHIPS_MAX_HEIGHT`].
+fn chip_row(ui: &mut Ui, salt: &str, tokens: &Tokens, other: &Tokens) {
+    egui::ScrollArea::vertical()
+        .id_salt(format!("{salt} chips"))
+        .max_height(CHIPS_MAX_HEIGHT)
+        .show(ui, |ui| token_chips(ui, tokens, other));
 }
 
 /// Shows whitespace so tokens like " John" and "\n" are readable on a chip.
