@@ -15,6 +15,8 @@ fn request(clean: &str, corrupted: &str, correct: &str, incorrect: &str) -> Swee
         correct: correct.into(),
         incorrect: incorrect.into(),
         component: Component::ResidPost,
+        direction: Default::default(),
+        by_position: false,
     }
 }
 
@@ -76,8 +78,8 @@ fn equal_logit_differences_are_reported_not_divided_by() {
             &mut |_| {},
         )
         .unwrap();
-    assert!(result.values.iter().flatten().all(|v| v.is_none()));
-    assert!(result.patched_logit_diff.iter().flatten().all(|v| v.is_some()));
+    assert!(result.values.flat().iter().all(|v| v.is_none()));
+    assert!(result.patched_logit_diff.flat().iter().all(|v| v.is_some()));
 }
 
 fn load_error(source: ModelSource) -> String {

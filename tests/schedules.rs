@@ -7,8 +7,8 @@ use std::sync::atomic::AtomicBool;
 
 use common::{ioi_request, smollm2, tiny, tiny_configs, tiny_request};
 use patchbay::model::{DeviceChoice, DtypeChoice, Model, ModelSource};
-use patchbay::patching::Component;
 use patchbay::patching::result::SweepResult;
+use patchbay::patching::{Component, Direction, Metric};
 use patchbay::patching::{Schedule, Sweep, SweepEvent, SweepOptions, TokenSweepRequest};
 
 /// The bar: both schedules agree within this in raw logit difference on every cell.
@@ -40,8 +40,9 @@ fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
         .unwrap();
     // The work reported adds up to the progress's total: the bar ends full, never past it.
     assert_eq!(work, progress.total(), "{schedule:?}");
-    if schedule == Schedule::Fast {
-        // Layer by layer within each block, then its cells' unembeddings.
+    if schedule == Schedule::Fast && !result.component.has_heads() {
+        // Layer by layer within each block, then its cells' unembeddings. (A block of the last
+        // layer's head cells runs no layer, only the unembedding.)
         let forwards = &result.timing.forwards;
         assert!(
             work_reports >= 2 * forwards.len(),
@@ -50,11 +51,7 @@ fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
         );
     }
     assert!(result.complete);
-    assert_eq!(
-        streamed,
-        result.layers() * result.positions(),
-        "every cell is streamed once"
-    );
+    assert_eq!(streamed, result.layout().len(), "every cell is streamed once");
     assert_eq!(result.done_cells(), streamed);
     assert_eq!(result.timing.schedule, schedule);
     assert_forwards_account_for_the_cells(&result, schedule);
@@ -66,6 +63,16 @@ fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
 /// from its start layer on positions P..), the last layer's cells aside (computed with the
 /// baselines, except for resid_pre).
 fn assert_forwards_account_for_the_cells(result: &SweepResult, schedule: Schedule) {
+    let per_position = [
+        Component::ResidPre,
+        Component::ResidPost,
+        Component::ResidMid,
+        Component::AttnOut,
+        Component::MlpOut,
+    ];
+    if !per_position.contains(&result.component) {
+        return;
+    }
     let (layers, seq) = (result.layers(), result.positions());
     let first_diff = result.skipped[0].iter().take_while(|&&s| s).count();
     let forwards = &result.timing.forwards;
@@ -101,44 +108,83 @@ fn assert_same_cells(naive: &SweepResult, fast: &SweepResult, what: &str) {
     assert_eq!(naive.shape, fast.shape);
     assert_eq!(naive.timing.cells_computed, fast.timing.cells_computed, "{what}");
     assert_eq!(naive.skipped, fast.skipped, "{what}: skipped cells");
-    let mut worst = (0.0f64, 0, 0);
-    for l in 0..naive.layers() {
-        for p in 0..naive.positions() {
-            let a = naive.patched_logit_diff[l][p].expect("naive computed every cell");
-            let b = fast.patched_logit_diff[l][p].expect("fast computed every cell");
-            if (a - b).abs() > worst.0 {
-                worst = ((a - b).abs(), l, p);
-            }
-            let (ka, kb) = (&naive.top_k[l][p], &fast.top_k[l][p]);
-            assert_eq!(ka.len(), kb.len(), "{what} ({l}, {p}): top-k length");
-            for (x, y) in ka.iter().zip(kb) {
-                assert!(
-                    (f64::from(x.logit) - f64::from(y.logit)).abs() <= SCHEDULE_TOLERANCE,
-                    "{what} ({l}, {p}): top-k logits {} vs {}",
-                    x.logit,
-                    y.logit
-                );
-            }
+    let layout = naive.layout();
+    let mut worst = (0.0f64, layout.at(0));
+    for (i, at) in layout.cells().enumerate() {
+        let a = naive.patched_logit_diff.flat()[i].expect("naive computed every cell");
+        let b = fast.patched_logit_diff.flat()[i].expect("fast computed every cell");
+        if (a - b).abs() > worst.0 {
+            worst = ((a - b).abs(), at);
+        }
+        let (ka, kb) = (&naive.top_k.flat()[i], &fast.top_k.flat()[i]);
+        assert_eq!(ka.len(), kb.len(), "{what} {at:?}: top-k length");
+        for (x, y) in ka.iter().zip(kb) {
+            assert!(
+                (f64::from(x.logit) - f64::from(y.logit)).abs() <= SCHEDULE_TOLERANCE,
+                "{what} {at:?}: top-k logits {} vs {}",
+                x.logit,
+                y.logit
+            );
+        }
+        for m in Metric::ALL {
+            let (x, y) = (naive.metric_at(m, i), fast.metric_at(m, i));
+            // A rank moves by one where two of a random model's crowded logits tie within rounding.
+            let tolerance = match m {
+                Metric::Rank => 1.0,
+                _ => SCHEDULE_TOLERANCE * x.unwrap_or(0.0).abs().max(1.0) * 10.0,
+            };
+            let close = match (x, y) {
+                (Some(x), Some(y)) => (x - y).abs() <= tolerance,
+                (x, y) => x == y,
+            };
+            assert!(close, "{what} {at:?}: {m} {x:?} vs {y:?}");
         }
     }
     assert!(
         worst.0 <= SCHEDULE_TOLERANCE,
-        "{what}: naive and fast differ by {:e} in raw logit difference at (layer, position) = ({}, {})",
+        "{what}: naive and fast differ by {:e} in raw logit difference at {:?}",
         worst.0,
-        worst.1,
-        worst.2
+        worst.1
     );
 }
 
+/// Every site a sweep can patch: each component, head components also by position.
+fn sites() -> Vec<(Component, bool)> {
+    Component::ALL
+        .into_iter()
+        .flat_map(|c| {
+            let by_position: &[bool] = if c.has_heads() { &[false, true] } else { &[false] };
+            by_position.iter().map(move |&b| (c, b))
+        })
+        .collect()
+}
+
 #[test]
-fn tiny_models_agree_on_every_component() {
+fn tiny_models_agree_on_every_site_and_direction() {
+    // The tiny models include GQA (tiny-qwen3: 4 query heads sharing 2 key/value heads) and MHA.
     for (name, _) in tiny_configs() {
         let (_dir, model) = tiny(&name);
-        for component in Component::ALL {
-            let request = tiny_request(component);
-            let naive = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Naive);
-            let fast = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Fast);
-            assert_same_cells(&naive, &fast, &format!("{name} {component}"));
+        for (component, by_position) in sites() {
+            for direction in Direction::ALL {
+                let mut request = tiny_request(component);
+                request.direction = direction;
+                request.by_position = by_position;
+                let naive = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Naive);
+                let fast = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Fast);
+                let what = format!("{name} {component} by_position={by_position} {direction}");
+                assert_same_cells(&naive, &fast, &what);
+                // The no-op cells hold the target run's numbers: corrupted when denoising, clean
+                // when noising.
+                let target = match direction {
+                    Direction::Denoising => fast.corrupted_logit_diff,
+                    Direction::Noising => fast.clean_logit_diff,
+                };
+                for (i, &skipped) in fast.skipped.flat().iter().enumerate() {
+                    if skipped {
+                        assert_eq!(fast.patched_logit_diff.flat()[i], Some(target), "{what}");
+                    }
+                }
+            }
         }
     }
 }
@@ -161,13 +207,15 @@ fn tiny_models_agree_wherever_the_prompts_differ() {
     for (name, _) in tiny_configs() {
         let (_dir, model) = tiny(&name);
         for (case, clean_ids, corrupted_ids) in &cases {
-            for component in Component::ALL {
+            for (component, by_position) in sites() {
                 let request = TokenSweepRequest {
                     clean_ids: clean_ids.clone(),
                     corrupted_ids: corrupted_ids.clone(),
                     correct_id: 3,
                     incorrect_id: 4,
                     component,
+                    direction: Direction::Noising,
+                    by_position,
                 };
                 let naive = run(Sweep::prepare_tokens(&model, &request, 5).unwrap(), Schedule::Naive);
                 let fast = run(Sweep::prepare_tokens(&model, &request, 5).unwrap(), Schedule::Fast);
@@ -190,6 +238,8 @@ fn cancelling_a_fast_sweep_keeps_the_cells_it_finished() {
         correct_id: 3,
         incorrect_id: 4,
         component: Component::ResidPost,
+        direction: Default::default(),
+        by_position: false,
     };
     let cancel = AtomicBool::new(false);
     let mut computed = 0;
@@ -251,6 +301,8 @@ fn naive_with_no_op_cells_computes_them_as_no_ops() {
         correct_id: 3,
         incorrect_id: 4,
         component: Component::ResidPost,
+        direction: Default::default(),
+        by_position: false,
     };
     let notebook = SweepOptions {
         skip_noops: false,
@@ -300,16 +352,16 @@ fn bf16_sweeps_take_the_device_paths_and_follow_f32() {
             // bf16 keeps ~3 significant digits: compare against the scale of the answer logits.
             let scale = reference
                 .answer_logits
+                .flat()
                 .iter()
-                .flatten()
                 .flatten()
                 .flatten()
                 .fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
             let gap = |a: &SweepResult, b: &SweepResult| {
                 a.patched_logit_diff
+                    .flat()
                     .iter()
-                    .flatten()
-                    .zip(b.patched_logit_diff.iter().flatten())
+                    .zip(b.patched_logit_diff.flat())
                     .map(|(x, y)| (x.unwrap() - y.unwrap()).abs())
                     .fold(0.0f64, f64::max)
             };

@@ -19,6 +19,8 @@ fn ioi_request(component: Component) -> SweepRequest {
         correct: " John".into(),
         incorrect: " Mary".into(),
         component,
+        direction: Default::default(),
+        by_position: false,
     }
 }
 

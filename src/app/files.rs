@@ -3,7 +3,7 @@
 
 use crossbeam_channel::bounded;
 
-use super::{PatchbayApp, heatmap};
+use super::PatchbayApp;
 use crate::export;
 use crate::model::ModelSource;
 use crate::patching::SweepResult;
@@ -14,12 +14,12 @@ impl PatchbayApp {
     pub fn save_to_typed_path(&mut self) {
         let Some(result) = self.result().cloned() else { return };
         let path = std::path::PathBuf::from(self.settings.save_path.trim());
-        let range = heatmap::color_range(&result, self.heatmap.auto_range);
+        let shown = self.shown();
         let protected = ModelSource::parse(&self.settings.model).map_or_else(|_| Vec::new(), |s| s.files());
         let (tx, rx) = bounded(1);
         self.file_task = Some(rx);
         std::thread::spawn(move || {
-            let outcome = save_to(&result, &path, range, &protected).map(|saved| match std::fs::canonicalize(&path) {
+            let outcome = save_to(&result, &path, &shown, &protected).map(|saved| match std::fs::canonicalize(&path) {
                 Ok(full) => format!("saved {}", full.display()),
                 Err(_) => saved,
             });
@@ -29,11 +29,12 @@ impl PatchbayApp {
 
     pub(super) fn save_dialog(&mut self, figure: bool) {
         let Some(result) = self.result().cloned() else { return };
-        let range = heatmap::color_range(&result, self.heatmap.auto_range);
+        let shown = self.shown();
         let name = format!(
-            "patchbay-{}-{}",
+            "patchbay-{}-{}-{}",
             result.model.id.replace(['/', ' '], "_"),
-            result.component
+            result.component,
+            result.direction
         );
         // The model being swept is never written over (nor is anything else but a plain file).
         let protected = ModelSource::parse(&self.settings.model).map_or_else(|_| Vec::new(), |s| s.files());
@@ -59,7 +60,7 @@ impl PatchbayApp {
                      zenity); type a file name in \"Save to\" below instead"
                         .to_owned(),
                 ),
-                Some(path) => save_to(&result, &path, range, &protected),
+                Some(path) => save_to(&result, &path, &shown, &protected),
             };
             let _ = tx.send(outcome);
         });
@@ -71,11 +72,11 @@ impl PatchbayApp {
 pub fn save_to(
     result: &SweepResult,
     path: &std::path::Path,
-    range: f64,
+    shown: &export::Shown,
     protected: &[std::path::PathBuf],
 ) -> Result<String, String> {
     export::check_outputs(&[path], protected)
-        .and_then(|()| export::save(result, path, Some(range)))
+        .and_then(|()| export::save(result, path, shown))
         .map(|()| format!("saved {}", path.display()))
         .map_err(|e| e.to_string())
 }
@@ -91,12 +92,12 @@ mod tests {
         let model = dir.join("model.gguf");
         std::fs::write(&model, b"weights").unwrap();
         let result = SweepResult::empty_for_tests(2, 3);
-        let refused = save_to(&result, &model, 1.0, std::slice::from_ref(&model)).unwrap_err();
+        let refused = save_to(&result, &model, &export::Shown::default(), std::slice::from_ref(&model)).unwrap_err();
         assert!(refused.contains("over the model being swept"), "{refused}");
         assert_eq!(std::fs::read(&model).unwrap(), b"weights");
         // Through a link, the link stays and its target is written.
         std::os::unix::fs::symlink("figure.svg", dir.join("link.svg")).unwrap();
-        let saved = save_to(&result, &dir.join("link.svg"), 1.0, &[model]).unwrap();
+        let saved = save_to(&result, &dir.join("link.svg"), &export::Shown::default(), &[model]).unwrap();
         assert!(saved.starts_with("saved"), "{saved}");
         assert!(
             std::fs::symlink_metadata(dir.join("link.svg"))

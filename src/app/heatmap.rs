@@ -5,8 +5,9 @@
 use egui::{Color32, ColorImage, TextureHandle, TextureOptions, Ui, Vec2};
 use egui_plot::{GridInput, GridMark, Line, Plot, PlotImage, PlotPoint};
 
-use crate::export::colormap::{DEFAULT_RANGE, auto_range, rdbu};
+use crate::export::colormap::Scale;
 use crate::patching::result::SweepResult;
+use crate::patching::{Axis, Metric, View};
 
 /// Colour of cells not computed yet.
 pub const PENDING: Color32 = Color32::from_gray(60);
@@ -19,9 +20,9 @@ const LABEL_STRIP: f32 = 96.0;
 /// What the user did with the heatmap this frame.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct HeatmapResponse {
-    /// (layer, position) under the pointer.
+    /// (row, column) of the view under the pointer: (layer, position) or (layer, head).
     pub hovered: Option<(usize, usize)>,
-    /// (layer, position) clicked.
+    /// (row, column) clicked.
     pub clicked: Option<(usize, usize)>,
 }
 
@@ -31,18 +32,19 @@ pub struct Heatmap {
     texture: Option<TextureHandle>,
     dirty: bool,
     reset_view: bool,
-    /// Scale colours to the largest |value| instead of the fixed [-1, 1].
+    /// Fit the colour scale to the data instead of the metric's fixed one.
     pub auto_range: bool,
+    /// The metric shown.
+    pub metric: Metric,
+    /// The view shown of a three-axis grid (a block sweep's component, a by-position head
+    /// sweep's position).
+    pub slice: usize,
     transform: Option<egui_plot::PlotTransform>,
 }
 
-/// The colour range in use for a result.
-pub fn color_range(result: &SweepResult, auto: bool) -> f64 {
-    if auto {
-        auto_range(result.values.iter().flatten())
-    } else {
-        DEFAULT_RANGE
-    }
+/// The colour scale in use for a result.
+pub fn color_scale(result: &SweepResult, metric: Metric, auto: bool) -> Scale {
+    Scale::for_metric(result, metric, auto)
 }
 
 /// Plot y coordinate of a layer's centre: layer 0 at the top, as px.imshow draws it.
@@ -68,10 +70,11 @@ fn unit_marks(input: GridInput, centre: impl Fn(f64) -> Option<f64>) -> Vec<Grid
 }
 
 impl Heatmap {
-    /// A heatmap with fixed ([-1, 1]) or data-driven colour range.
-    pub fn with_auto_range(auto_range: bool) -> Self {
+    /// A heatmap of `metric` with its fixed or a data-driven colour scale.
+    pub fn new(auto_range: bool, metric: Metric) -> Self {
         Self {
             auto_range,
+            metric,
             ..Self::default()
         }
     }
@@ -92,14 +95,21 @@ impl Heatmap {
         self.reset_view = true;
     }
 
-    fn image(result: &SweepResult, range: f64) -> ColorImage {
-        let (layers, positions) = (result.layers(), result.positions());
+    /// The view of `result` this heatmap shows.
+    pub fn view(&self, result: &SweepResult) -> View {
+        result.layout().view(self.slice)
+    }
+
+    fn image(result: &SweepResult, view: &View, metric: Metric, scale: &Scale) -> ColorImage {
+        let layout = result.layout();
+        let (layers, positions) = (view.rows, view.cols);
         let mut pixels = Vec::with_capacity(layers * positions);
         for l in 0..layers {
             for p in 0..positions {
-                let color = match (result.values[l][p], result.patched_logit_diff[l][p]) {
+                let i = layout.index(layout.view_cell(view, l, p));
+                let color = match (result.metric_at(metric, i), result.patched_logit_diff.flat()[i]) {
                     (Some(v), _) => {
-                        let [r, g, b] = rdbu(v, range);
+                        let [r, g, b] = scale.color(v);
                         Color32::from_rgb(r, g, b)
                     }
                     (None, Some(_)) => Color32::from_gray(247), // computed, metric undefined
@@ -113,9 +123,10 @@ impl Heatmap {
 
     /// Draws the heatmap with its colorbar and returns hover/click.
     pub fn show(&mut self, ui: &mut Ui, result: &SweepResult, selected: Option<(usize, usize)>) -> HeatmapResponse {
-        let range = color_range(result, self.auto_range);
+        let scale = color_scale(result, self.metric, self.auto_range);
+        let view = self.view(result);
         if self.texture.is_none() || self.dirty {
-            let image = Self::image(result, range);
+            let image = Self::image(result, &view, self.metric, &scale);
             match &mut self.texture {
                 Some(t) if t.size() == image.size => t.set(image, TextureOptions::NEAREST),
                 _ => {
@@ -127,8 +138,8 @@ impl Heatmap {
             }
             self.dirty = false;
         }
-        let (layers, positions) = (result.layers(), result.positions());
-        let labels = result.position_labels();
+        let (layers, positions) = (view.rows, view.cols);
+        let labels = result.column_labels(&view);
         let mut out = HeatmapResponse::default();
         let avail = ui.available_size();
         let plot_size = Vec2::new(
@@ -196,14 +207,60 @@ impl Heatmap {
                 }
                 let plot_rect = plot_response.rect;
                 if let Some((l, p)) = out.hovered {
-                    plot_response.on_hover_ui_at_pointer(|ui| cell_summary(ui, result, &labels, l, p));
+                    plot_response.on_hover_ui_at_pointer(|ui| cell_summary(ui, result, &view, l, p));
                 }
-                position_strip(ui, &transform, plot_rect, &labels, result);
+                let differs: Vec<bool> = match view.columns {
+                    Axis::Position => (0..positions)
+                        .map(|p| result.clean.tokens[p] != result.corrupted.tokens[p])
+                        .collect(),
+                    _ => vec![false; positions],
+                };
+                position_strip(ui, &transform, plot_rect, &labels, &differs);
             });
-            colorbar(ui, range, plot_size.y);
+            colorbar(ui, &scale, plot_size.y);
         });
         out
     }
+}
+
+/// For a grid of three axes, the picker of the view shown (a block sweep's component, a by-position
+/// head sweep's position). Returns whether the view changed.
+pub fn view_picker(ui: &mut Ui, heatmap: &mut Heatmap, result: &SweepResult) -> bool {
+    let layout = result.layout();
+    let count = layout.view_count();
+    if count <= 1 {
+        return false;
+    }
+    let before = heatmap.slice;
+    heatmap.slice = heatmap.slice.min(count - 1);
+    ui.horizontal(|ui| {
+        if result.component == crate::patching::Component::Block {
+            ui.label("component");
+            for (i, c) in crate::patching::Component::BLOCK_PARTS.iter().enumerate() {
+                ui.selectable_value(&mut heatmap.slice, i, c.name());
+            }
+        } else {
+            let labels = result.position_labels();
+            egui::ComboBox::from_label("position")
+                .selected_text(format!("{}", labels[heatmap.slice]))
+                .show_ui(ui, |ui| {
+                    for (p, label) in labels.iter().enumerate() {
+                        ui.selectable_value(&mut heatmap.slice, p, label);
+                    }
+                });
+            if ui.small_button("◀").on_hover_text("previous position").clicked() {
+                heatmap.slice = heatmap.slice.saturating_sub(1);
+            }
+            if ui.small_button("▶").on_hover_text("next position").clicked() {
+                heatmap.slice = (heatmap.slice + 1).min(count - 1);
+            }
+        }
+    });
+    let changed = heatmap.slice != before;
+    if changed {
+        heatmap.mark_dirty();
+    }
+    changed
 }
 
 /// Token labels under the plot, rotated to read bottom-up, one per visible position; thinned out
@@ -213,7 +270,7 @@ fn position_strip(
     transform: &egui_plot::PlotTransform,
     plot_rect: egui::Rect,
     labels: &[String],
-    result: &SweepResult,
+    differs: &[bool],
 ) {
     let width = (plot_rect.right() - ui.cursor().left()).max(plot_rect.width());
     let (rect, _) = ui.allocate_exact_size(Vec2::new(width, LABEL_STRIP), egui::Sense::hover());
@@ -229,8 +286,7 @@ fn position_strip(
         if x < plot_rect.left() || x > plot_rect.right() {
             continue;
         }
-        let differs = result.clean.tokens[p] != result.corrupted.tokens[p];
-        let color = if differs {
+        let color = if differs[p] {
             Color32::from_rgb(240, 170, 60)
         } else {
             text_color
@@ -243,26 +299,43 @@ fn position_strip(
 }
 
 /// The cell's name and numbers, as the tooltip and the inspector show them.
-pub fn cell_summary(ui: &mut Ui, r: &SweepResult, labels: &[String], l: usize, p: usize) {
-    ui.label(egui::RichText::new(format!("layer {l}, position {p}: {}", labels[p])).strong());
-    match (r.skipped[l][p], r.values[l][p], r.patched_logit_diff[l][p]) {
-        (true, _, _) => {
-            ui.label("skipped: before the first differing token, patching is an exact no-op (value 0)");
+pub fn cell_summary(ui: &mut Ui, r: &SweepResult, view: &View, row: usize, col: usize) {
+    let layout = r.layout();
+    let at = layout.view_cell(view, row, col);
+    let i = layout.index(at);
+    let mut name = format!("layer {}", at.layer);
+    if view.fixed.is_some() && at.position.is_some() || view.columns == Axis::Position {
+        if let Some(p) = at.position {
+            name += &format!(", position {p}: {}", r.position_labels()[p]);
         }
-        (false, v, Some(raw)) => {
-            ui.label(format!(
-                "normalized {}",
-                v.map(|v| format!("{v:+.4}")).unwrap_or_else(|| "undefined".into())
-            ));
-            ui.label(format!("patched LD {raw:+.4}"));
+    }
+    if let Some(h) = at.head {
+        name += &format!(", {}", r.head_labels()[h]);
+    }
+    if r.component == crate::patching::Component::Block {
+        name = format!("{} · {name}", layout.component_of(at));
+    }
+    ui.label(egui::RichText::new(name).strong());
+    match (r.skipped.flat()[i], r.patched_logit_diff.flat()[i]) {
+        (true, _) => {
+            ui.label("skipped: before the first differing token, patching is an exact no-op");
         }
-        (false, _, None) => {
+        (false, Some(_)) => {
+            for m in r.available_metrics() {
+                let v = r.metric_at(m, i);
+                ui.label(format!(
+                    "{m} {}",
+                    v.map(|v| format!("{v:+.4}")).unwrap_or_else(|| "undefined".into())
+                ));
+            }
+        }
+        (false, None) => {
             ui.label("not computed yet");
         }
     }
 }
 
-fn colorbar(ui: &mut Ui, range: f64, height: f32) {
+fn colorbar(ui: &mut Ui, scale: &Scale, height: f32) {
     let (rect, _) = ui.allocate_exact_size(Vec2::new(COLORBAR_WIDTH, height), egui::Sense::hover());
     let painter = ui.painter_at(rect);
     let bar = egui::Rect::from_min_size(
@@ -272,8 +345,8 @@ fn colorbar(ui: &mut Ui, range: f64, height: f32) {
     let steps = 64;
     for i in 0..steps {
         let t0 = i as f32 / steps as f32;
-        let v = range * (1.0 - 2.0 * (f64::from(i) + 0.5) / f64::from(steps));
-        let [r, g, b] = rdbu(v, range);
+        let v = scale.hi - (scale.hi - scale.lo) * (f64::from(i) + 0.5) / f64::from(steps);
+        let [r, g, b] = scale.color(v);
         let y0 = bar.top() + t0 * bar.height();
         painter.rect_filled(
             egui::Rect::from_min_max(
@@ -285,13 +358,17 @@ fn colorbar(ui: &mut Ui, range: f64, height: f32) {
         );
     }
     let text = ui.visuals().text_color();
-    for k in 0..=4 {
-        let v = range * (1.0 - 0.5 * f64::from(k));
+    for (k, v) in scale.ticks().into_iter().enumerate() {
         let y = bar.top() + bar.height() * k as f32 / 4.0;
+        let label = if v.abs() >= 100.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:+.1}")
+        };
         painter.text(
             egui::pos2(bar.right() + 4.0, y),
             egui::Align2::LEFT_CENTER,
-            format!("{v:+.1}"),
+            label,
             egui::FontId::proportional(11.0),
             text,
         );

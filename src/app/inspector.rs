@@ -32,13 +32,16 @@ impl PatchbayApp {
             ui.label(RichText::new(w).color(ERROR_TEXT).small());
         }
         ui.separator();
-        let Some((l, p)) = self.selected.filter(|&(l, p)| l < r.layers() && p < r.positions()) else {
+        let v = self.heatmap.view(r);
+        let Some((l, p)) = self.selected.filter(|&(l, p)| l < v.rows && p < v.cols) else {
             ui.label("Click a cell (arrow keys move the selection).");
             top_table(ui, "clean run", &r.clean_top_k, r);
             top_table(ui, "corrupted run", &r.corrupted_top_k, r);
             return;
         };
-        heatmap::cell_summary(ui, r, &r.position_labels(), l, p);
+        heatmap::cell_summary(ui, r, &v, l, p);
+        let layout = r.layout();
+        let cell = layout.index(layout.view_cell(&v, l, p));
         let (c, i) = (&r.correct.token, &r.incorrect.token);
         egui::Grid::new("answer logits")
             .num_columns(4)
@@ -50,7 +53,7 @@ impl PatchbayApp {
                 ui.label(RichText::new("LD").small());
                 ui.end_row();
                 let rows = [
-                    ("patched", r.answer_logits[l][p]),
+                    ("patched", r.answer_logits.flat()[cell]),
                     ("clean", Some(r.clean_answer_logits)),
                     ("corrupted", Some(r.corrupted_answer_logits)),
                 ];
@@ -72,7 +75,7 @@ impl PatchbayApp {
                 }
             });
         egui::ScrollArea::vertical().show(ui, |ui| {
-            top_table(ui, "patched run", &r.top_k[l][p], r);
+            top_table(ui, "patched run", &r.top_k.flat()[cell], r);
             top_table(ui, "clean run", &r.clean_top_k, r);
             top_table(ui, "corrupted run", &r.corrupted_top_k, r);
         });

@@ -96,7 +96,7 @@ impl PatchbayApp {
         let ctx = cc.egui_ctx.clone();
         let worker = Worker::spawn(move || ctx.request_repaint());
         let mut app = Self {
-            heatmap: Heatmap::with_auto_range(settings.auto_range),
+            heatmap: Heatmap::new(settings.auto_range, settings.metric),
             settings,
             worker,
             model: None,
@@ -155,6 +155,8 @@ impl PatchbayApp {
             correct: self.settings.correct.clone(),
             incorrect: self.settings.incorrect.clone(),
             component: self.settings.component,
+            direction: self.settings.direction,
+            by_position: self.settings.by_position && self.settings.component.has_heads(),
         };
         if !self.worker.send(Command::RunSweep {
             request,
@@ -172,6 +174,8 @@ impl PatchbayApp {
             || s.correct != result.correct.text
             || s.incorrect != result.incorrect.text
             || s.component != result.component
+            || s.direction != result.direction
+            || (s.by_position && s.component.has_heads()) != result.by_position
     }
 
     /// Asks a running sweep to stop; finished cells stay.
@@ -224,6 +228,15 @@ impl PatchbayApp {
         self.sweep_error.as_deref()
     }
 
+    /// What saved figures and `.npy` files show: the heatmap's metric and view.
+    pub fn shown(&self) -> export::Shown {
+        export::Shown {
+            metric: self.heatmap.metric,
+            view: self.heatmap.slice,
+            auto_range: self.heatmap.auto_range,
+        }
+    }
+
     /// The selected cell.
     pub fn selected(&self) -> Option<(usize, usize)> {
         self.selected
@@ -270,6 +283,15 @@ impl PatchbayApp {
                         elapsed: None,
                     });
                     self.selected = None;
+                    // A by-position head sweep opens at the last position (where name movers act).
+                    if let Some(s) = &self.sweep {
+                        let layout = s.result.layout();
+                        self.heatmap.slice = if layout.view_count() == layout.positions {
+                            layout.positions.saturating_sub(1)
+                        } else {
+                            0
+                        };
+                    }
                     self.heatmap.mark_dirty();
                     self.heatmap.reset_view();
                 }
@@ -289,11 +311,7 @@ impl PatchbayApp {
                         s.elapsed = Some(s.started.elapsed().as_secs_f64());
                         s.result = *result;
                         self.heatmap.mark_dirty();
-                        let kept = format!(
-                            "{} of {} cells kept",
-                            s.result.done_cells(),
-                            s.result.layers() * s.result.positions()
-                        );
+                        let kept = format!("{} of {} cells kept", s.result.done_cells(), s.result.layout().len());
                         if let Some(e) = &s.result.error {
                             self.sweep_error = Some(format!("the sweep stopped early ({kept}): {e}"));
                         } else if !s.result.complete {
@@ -363,11 +381,12 @@ impl eframe::App for PatchbayApp {
             .show(ui, |ui| self.inspector(ui));
         egui::CentralPanel::default().show(ui, |ui| {
             let selected = self.selected;
+            let shown = self.shown();
             match &self.sweep {
                 Some(view) => {
                     let stale = self.settings_differ_from(&view.result) && view.elapsed.is_some();
                     ui.horizontal(|ui| {
-                        ui.label(RichText::new(export::figure::title(&view.result)).strong());
+                        ui.label(RichText::new(export::figure::title(&view.result, &shown)).strong());
                         if ui.small_button("Reset view").on_hover_text("Fit the whole grid (or double-click the plot)").clicked() {
                             self.heatmap.reset_view();
                         }
@@ -379,6 +398,9 @@ impl eframe::App for PatchbayApp {
                         );
                         // Dimmed: the cells answer the previous prompts, not the ones on the left.
                         ui.multiply_opacity(STALE_OPACITY);
+                    }
+                    if heatmap::view_picker(ui, &mut self.heatmap, &view.result) {
+                        self.selected = None;
                     }
                     let response = self.heatmap.show(ui, &view.result, selected);
                     if let Some(cell) = response.clicked {

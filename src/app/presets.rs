@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use crate::patching::Component;
+use crate::patching::{Component, Direction};
 
 /// One ready-made experiment with a note on what to look for.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -13,6 +13,10 @@ pub struct Preset {
     pub correct: String,
     pub incorrect: String,
     pub component: Component,
+    #[serde(default)]
+    pub by_position: bool,
+    #[serde(default)]
+    pub direction: Direction,
     pub explanation: String,
 }
 
@@ -37,6 +41,10 @@ mod tests {
         assert!(names.len() >= 4, "{names:?}");
         assert!(names.iter().any(|n| n.contains("IOI")));
         assert!(names.iter().any(|n| n.contains("Factual")));
+        assert!(
+            presets().iter().any(|p| p.component == Component::HeadOut),
+            "a head preset: {names:?}"
+        );
         assert!(presets().iter().all(|p| !p.explanation.is_empty()));
     }
 }

@@ -8,7 +8,7 @@ use egui::{Color32, RichText, Ui};
 use super::presets::presets;
 use super::{DIFF_FILL, ERROR_TEXT, OK_TEXT, PatchbayApp};
 use crate::model::TextTokenizer;
-use crate::patching::Component;
+use crate::patching::{Component, Direction, Metric};
 
 /// A prompt editor grows to this height, then scrolls.
 const EDITOR_MAX_HEIGHT: f32 = 96.0;
@@ -26,17 +26,62 @@ impl PatchbayApp {
         ui.add_space(6.0);
         let answers_ok = self.answer_pickers(ui, tokenizer.as_ref());
         ui.add_space(6.0);
-        egui::ComboBox::from_label("Component")
-            .selected_text(self.settings.component.name())
-            .show_ui(ui, |ui| {
-                for c in Component::ALL {
-                    ui.selectable_value(&mut self.settings.component, c, c.name());
-                }
-            });
+        self.patch_pickers(ui);
         ui.add_space(6.0);
         self.run_controls(ui, mismatch, answers_ok);
         ui.add_space(6.0);
         self.output_controls(ui);
+    }
+
+    /// What to patch (component, by position), in which direction, and the metric shown.
+    fn patch_pickers(&mut self, ui: &mut Ui) {
+        egui::ComboBox::from_label("Component")
+            .selected_text(self.settings.component.name())
+            .show_ui(ui, |ui| {
+                for c in Component::ALL {
+                    ui.selectable_value(&mut self.settings.component, c, c.name())
+                        .on_hover_text(c.describe());
+                }
+            })
+            .response
+            .on_hover_text(self.settings.component.describe());
+        let heads = self.settings.component.has_heads();
+        ui.add_enabled(
+            heads,
+            egui::Checkbox::new(&mut self.settings.by_position, "by position"),
+        )
+        .on_hover_text(
+            "One cell per (layer, position, head) rather than per (layer, head): pick the position above the heatmap",
+        )
+        .on_disabled_hover_text("Only head components have a per-head cell at each position");
+        egui::ComboBox::from_label("Direction")
+            .selected_text(self.settings.direction.name())
+            .show_ui(ui, |ui| {
+                for d in Direction::ALL {
+                    ui.selectable_value(&mut self.settings.direction, d, d.name())
+                        .on_hover_text(d.reading());
+                }
+            });
+        ui.label(RichText::new(self.settings.direction.reading()).small())
+            .on_hover_text("Heimersheim & Nanda, \"How to use and interpret activation patching\" (2024)");
+        let before = self.settings.metric;
+        egui::ComboBox::from_label("Metric")
+            .selected_text(self.settings.metric.name())
+            .show_ui(ui, |ui| {
+                for m in Metric::ALL {
+                    ui.selectable_value(&mut self.settings.metric, m, m.name())
+                        .on_hover_text(m.definition());
+                }
+            })
+            .response
+            .on_hover_text(format!(
+                "{}. Every metric is computed for every cell: switching redraws at once.",
+                self.settings.metric.definition()
+            ));
+        if self.settings.metric != before {
+            self.heatmap.metric = self.settings.metric;
+            self.heatmap.mark_dirty();
+        }
     }
 
     /// The teaching presets, and the chosen one's note on what to look for.

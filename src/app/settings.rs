@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::presets::{Preset, presets};
 use crate::model::{DEFAULT_MODEL, DeviceChoice, DtypeChoice};
-use crate::patching::Component;
 use crate::patching::sweep::DEFAULT_MAX_CELLS;
+use crate::patching::{Component, Direction, Metric};
 
 /// How many recently used models the picker remembers.
 const RECENT_MODELS: usize = 8;
@@ -25,6 +25,11 @@ pub struct Settings {
     pub correct: String,
     pub incorrect: String,
     pub component: Component,
+    /// Head components: one cell per (layer, position, head).
+    pub by_position: bool,
+    pub direction: Direction,
+    /// The metric the heatmap shows (every metric is computed; switching redraws).
+    pub metric: Metric,
     pub preset: Option<String>,
     pub auto_range: bool,
     /// Run asks for confirmation first when a sweep has more cells to compute than this.
@@ -45,6 +50,9 @@ impl Default for Settings {
             correct: String::new(),
             incorrect: String::new(),
             component: Component::ResidPost,
+            by_position: false,
+            direction: Direction::Denoising,
+            metric: Metric::Normalized,
             preset: None,
             auto_range: false,
             confirm_above_cells: DEFAULT_MAX_CELLS,
@@ -64,6 +72,8 @@ impl Settings {
         self.correct = p.correct.clone();
         self.incorrect = p.incorrect.clone();
         self.component = p.component;
+        self.by_position = p.by_position;
+        self.direction = p.direction;
         self.preset = Some(p.name.clone());
     }
 

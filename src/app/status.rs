@@ -41,13 +41,21 @@ impl PatchbayApp {
             };
             ui.label(state);
             ui.separator();
-            ui.label(format!("{} · {} · {}", r.model.id, r.component, r.metric));
+            ui.label(format!(
+                "{} · {}{} · {} · {}",
+                r.model.id,
+                r.component,
+                if r.by_position { " by position" } else { "" },
+                r.direction,
+                self.heatmap.metric
+            ));
         });
     }
 
     pub(super) fn keyboard(&mut self, ctx: &egui::Context) {
         let Some(r) = self.result() else { return };
-        let (layers, positions) = (r.layers(), r.positions());
+        let view = self.heatmap.view(r);
+        let (layers, positions) = (view.rows.max(1), view.cols.max(1));
         if ctx.egui_wants_keyboard_input() {
             return;
         }

@@ -11,7 +11,9 @@ use super::procfs;
 use patchbay::model::{DeviceChoice, DtypeChoice, Model, ModelSource};
 use patchbay::patching::result::{ForwardTiming, Timing};
 use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_TOP_K};
-use patchbay::patching::{Component, Schedule, Sweep, SweepOptions, SweepRequest, SweepResult, TokenSweepRequest};
+use patchbay::patching::{
+    Component, Direction, Schedule, Sweep, SweepOptions, SweepRequest, SweepResult, TokenSweepRequest,
+};
 use patchbay::{Error, Result};
 
 /// The IOI prompts of the seed notebook, the benchmark's default sweep.
@@ -64,6 +66,12 @@ pub struct BenchArgs {
     /// The activation to patch.
     #[arg(long, value_enum, default_value_t = Component::ResidPost)]
     pub component: Component,
+    /// Head components: one cell per (layer, position, head).
+    #[arg(long)]
+    pub by_position: bool,
+    /// denoising (clean into corrupted) or noising (corrupted into clean).
+    #[arg(long, value_enum, default_value_t = Direction::Denoising)]
+    pub direction: Direction,
     /// Naive schedule: cells per forward (1 = one forward per cell, like a notebook loop).
     #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
     pub batch: usize,
@@ -183,6 +191,8 @@ impl Bench<'_> {
                 correct: args.correct.clone(),
                 incorrect: args.incorrect.clone(),
                 component: args.component,
+                direction: args.direction,
+                by_position: args.by_position,
             };
             return Sweep::prepare(model, &request, DEFAULT_TOP_K);
         }
@@ -198,6 +208,8 @@ impl Bench<'_> {
             correct_id: 2000 % vocab,
             incorrect_id: 3000 % vocab,
             component: args.component,
+            direction: args.direction,
+            by_position: args.by_position,
         };
         Sweep::prepare_tokens(model, &request, DEFAULT_TOP_K)
     }
@@ -220,8 +232,10 @@ impl Bench<'_> {
             procfs::fmt_bytes(procfs::status_bytes("VmHWM"))
         );
         println!(
-            "sweep     {}, {}; seconds = baselines + all cells (model load excluded)",
+            "sweep     {}{}, {}, {}; seconds = baselines + all cells (model load excluded)",
             args.component,
+            if args.by_position { " by position" } else { "" },
+            args.direction,
             if args.synthetic.is_some() {
                 format!("{SYNTHETIC_PROMPT_TOKENS} token ids differing at position {SYNTHETIC_DIFF_POSITION}")
             } else {
@@ -300,7 +314,7 @@ impl Bench<'_> {
                 if first_cell.is_none() {
                     first_cell = Some(started.elapsed().as_secs_f64());
                 }
-                if per_cell_forwards && cell.position < first_diff {
+                if per_cell_forwards && cell.at.position.is_some_and(|p| p < first_diff) {
                     noop_seconds += (now - last_callback).as_secs_f64();
                 }
             }
@@ -407,9 +421,9 @@ fn print_summary(rounds: u64, schedules: &[Schedule], runs: &[Vec<BenchRun>]) {
 fn print_gap(schedules: &[Schedule], a: &SweepResult, b: &SweepResult) {
     let worst = a
         .patched_logit_diff
+        .flat()
         .iter()
-        .flatten()
-        .zip(b.patched_logit_diff.iter().flatten())
+        .zip(b.patched_logit_diff.flat())
         .filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).abs()))
         .fold(0.0f64, f64::max);
     let scale = b

@@ -10,11 +10,14 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{ModelArgs, load_model};
+use patchbay::export::Shown;
 use patchbay::export::data::STDOUT;
 use patchbay::export::{self, Format};
 use patchbay::model::ModelSource;
 use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_MAX_CELLS, DEFAULT_TOP_K, MAX_TOP_K};
-use patchbay::patching::{Component, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult};
+use patchbay::patching::{
+    Axis, Component, Direction, Metric, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult,
+};
 use patchbay::{Error, Result};
 
 /// `patchbay sweep`.
@@ -37,6 +40,20 @@ pub struct SweepArgs {
     /// The activation to patch.
     #[arg(long, value_enum, default_value_t = Component::ResidPost)]
     pub component: Component,
+    /// Head components: one cell per (layer, position, head) rather than per (layer, head).
+    #[arg(long)]
+    pub by_position: bool,
+    /// denoising: clean activations into the corrupted run (is the component sufficient?);
+    /// noising: corrupted activations into the clean run (is it necessary?).
+    #[arg(long, value_enum, default_value_t = Direction::Denoising)]
+    pub direction: Direction,
+    /// What the text heatmap, --npy and the figures show (the JSON and CSV hold every metric).
+    #[arg(long, value_enum, default_value_t = Metric::Normalized)]
+    pub metric: Metric,
+    /// Which slice the figures draw of a three-axis grid: the position of a --by-position head
+    /// sweep (default: the last), the component of a block sweep (0 resid_pre, 1 attn_out, 2 mlp_out).
+    #[arg(long)]
+    pub view: Option<usize>,
     /// How cells are computed: fast (causal cones, many cells per forward) or naive (one full
     /// forward per cell, the baseline).
     #[arg(long, value_enum, default_value_t = Schedule::Fast)]
@@ -57,7 +74,8 @@ pub struct SweepArgs {
     /// Write one CSV row per cell.
     #[arg(long)]
     pub csv: Option<PathBuf>,
-    /// Write the normalized matrix as .npy (layers × positions, float64).
+    /// Write the --metric grid as .npy (float64, the result's shape: layers × positions, layers ×
+    /// heads, …).
     #[arg(long)]
     pub npy: Option<PathBuf>,
     /// Save the heatmap figure as PNG.
@@ -104,6 +122,8 @@ pub fn run(args: SweepArgs) -> Result<()> {
         correct: args.correct.clone(),
         incorrect: args.incorrect.clone(),
         component: args.component,
+        direction: args.direction,
+        by_position: args.by_position,
     };
     let options = SweepOptions {
         schedule: args.schedule,
@@ -149,14 +169,14 @@ pub fn run(args: SweepArgs) -> Result<()> {
         out,
         "cells     {} to compute ({} skipped as no-ops), about {}",
         estimate.cells,
-        prepared.result().layers() * prepared.result().positions() - estimate.cells,
+        prepared.result().layout().len() - estimate.cells,
         fmt_duration(estimate.seconds)
     );
     let mut bar = CellsBar::new(prepared.result(), prepared.progress(&options), args.quiet);
     let result = prepared.run_observed(&options, &INTERRUPTED, &mut |event| bar.observe(event))?;
     bar.finish();
     PHASE.store(WRITING, Ordering::SeqCst);
-    let _ = write!(out, "{}", text_heatmap(&result));
+    let _ = write!(out, "{}", text_heatmap(&result, args.metric));
     let t = &result.timing;
     let _ = writeln!(
         out,
@@ -167,7 +187,20 @@ pub fn run(args: SweepArgs) -> Result<()> {
         t.schedule,
         t.load_seconds.unwrap_or_default()
     );
-    let outcome = write_outputs(&result, &outputs);
+    let layout = result.layout();
+    let shown = Shown {
+        metric: args.metric,
+        view: args
+            .view
+            .unwrap_or(if layout.view_count() == layout.positions {
+                layout.positions - 1
+            } else {
+                0
+            })
+            .min(layout.view_count() - 1),
+        auto_range: false,
+    };
+    let outcome = write_outputs(&result, &outputs, &shown);
     for p in &outcome.written {
         let _ = writeln!(out, "wrote     {p}");
     }
@@ -310,14 +343,14 @@ struct Written {
 }
 
 /// Writes every output asked for, each on its own: one that fails does not stop the others.
-fn write_outputs(result: &SweepResult, outputs: &[(&Path, Format)]) -> Written {
+fn write_outputs(result: &SweepResult, outputs: &[(&Path, Format)], shown: &Shown) -> Written {
     let mut outcome = Written {
         written: Vec::new(),
         failures: Vec::new(),
         json_written: false,
     };
     for &(path, format) in outputs {
-        match export::save_as(result, path, format, None) {
+        match export::save_as(result, path, format, shown) {
             Ok(()) => {
                 outcome.json_written |= format == Format::Json;
                 outcome.written.push(path.display().to_string());
@@ -347,7 +380,7 @@ fn finish(result: &SweepResult, outcome: Written) -> Result<()> {
     let kept = format!(
         "{} of {} cells done ({} computed, {} skipped as no-ops){}",
         result.done_cells(),
-        result.layers() * result.positions(),
+        result.layout().len(),
         t.cells_computed,
         t.cells_skipped,
         if outcome.written.is_empty() {
@@ -371,7 +404,7 @@ fn rescue(result: &SweepResult, failures: String) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let path = std::env::temp_dir().join(format!("patchbay-sweep-{stamp}-{}.json", std::process::id()));
-    match export::save_as(result, &path, Format::Json, None) {
+    match export::save_as(result, &path, Format::Json, &Shown::default()) {
         Ok(()) => format!(
             "{failures}. The results are saved in {} instead (the JSON that --out writes)",
             path.display()
@@ -380,29 +413,70 @@ fn rescue(result: &SweepResult, failures: String) -> String {
     }
 }
 
-/// The heatmap as text: one row per layer, one column per position, values ×100 rounded.
-pub fn text_heatmap(r: &SweepResult) -> String {
+/// The heatmap as text, one table per view (per component of a block sweep, per position of a
+/// by-position head sweep, the no-op positions left out): one row per layer, one column per
+/// position or head.
+pub fn text_heatmap(r: &SweepResult, metric: Metric) -> String {
+    let scale = match metric {
+        Metric::Normalized => "×100 (100 = clean behaviour, 0 = corrupted)",
+        Metric::Prob => "×100 (probability of the correct answer, %)",
+        Metric::LogitDiff => "(logit difference)",
+        Metric::Logprob => "(log-probability of the correct answer)",
+        Metric::Kl => "(KL(clean || patched), nats)",
+        Metric::Rank => "(rank of the correct answer, 0 = top)",
+    };
+    let format = |v: f64| match metric {
+        Metric::Normalized | Metric::Prob => format!("{:.0}", v * 100.0),
+        Metric::Rank => format!("{v:.0}"),
+        Metric::Kl => format!("{v:.2}"),
+        Metric::LogitDiff | Metric::Logprob => format!("{v:.1}"),
+    };
     let mut s = format!(
-        "\n{} patching, normalized logit difference ×100 (100 = clean behaviour restored, 0 = none; · = skipped no-op)\n",
-        r.component
+        "\n{} patching ({}), {metric} {scale}; · = skipped no-op\n",
+        r.component, r.direction
     );
-    s.push_str("layer ");
-    for p in 0..r.positions() {
-        s.push_str(&format!("{p:>5}"));
-    }
-    s.push('\n');
-    for l in 0..r.layers() {
-        s.push_str(&format!("{l:>5} "));
-        for p in 0..r.positions() {
-            let cell = match (r.skipped[l][p], r.values[l][p], r.patched_logit_diff[l][p]) {
-                (true, _, _) => "·".to_owned(),
-                (false, Some(v), _) => format!("{:.0}", v * 100.0),
-                (false, None, Some(raw)) => format!("{raw:.1}"),
-                (false, None, None) => "?".to_owned(),
+    let layout = r.layout();
+    let width = if r.component.per_kv_head() { 12 } else { 6 };
+    for slice in 0..layout.view_count() {
+        let view = layout.view(slice);
+        let cells: Vec<usize> = (0..view.rows)
+            .flat_map(|l| (0..view.cols).map(move |c| (l, c)))
+            .map(|(l, c)| layout.index(layout.view_cell(&view, l, c)))
+            .collect();
+        if view.fixed.is_some() && cells.iter().all(|&i| r.skipped.flat()[i]) {
+            continue;
+        }
+        if view.fixed.is_some() {
+            s.push_str(&format!("\n{}\n", r.view_title(&view)));
+        }
+        let labels = r.column_labels(&view);
+        s.push_str("layer ");
+        for c in 0..view.cols {
+            let name = match view.columns {
+                Axis::Head => labels[c].clone(),
+                _ => c.to_string(),
             };
-            s.push_str(&format!("{cell:>5}"));
+            s.push_str(&format!("{name:>width$}"));
         }
         s.push('\n');
+        for l in 0..view.rows {
+            s.push_str(&format!("{l:>5} "));
+            for c in 0..view.cols {
+                let i = cells[l * view.cols + c];
+                let cell = match (
+                    r.skipped.flat()[i],
+                    r.metric_at(metric, i),
+                    r.patched_logit_diff.flat()[i],
+                ) {
+                    (true, _, _) => "·".to_owned(),
+                    (false, Some(v), _) => format(v),
+                    (false, None, Some(raw)) => format!("{raw:.1}"),
+                    (false, None, None) => "?".to_owned(),
+                };
+                s.push_str(&format!("{cell:>width$}"));
+            }
+            s.push('\n');
+        }
     }
     s.push_str("tokens ");
     s.push_str(&r.position_labels().join(" "));

@@ -1,5 +1,8 @@
-//! The diverging colour map researchers know from plotly's `RdBu`: red below 0, white at 0, blue
-//! above (blue = clean behaviour recovered). Shared by the live heatmap and saved figures.
+//! Colour scales, shared by the live heatmap and saved figures: the diverging map researchers know
+//! from plotly's `RdBu` (red below 0, white at 0, blue above: blue = clean behaviour recovered) for
+//! differences, and viridis for the metrics that run one way from a floor (prob, KL, rank).
+
+use crate::patching::{Metric, SweepResult};
 
 /// plotly.colors.diverging.RdBu (ColorBrewer), from the low end to the high end, joined by straight
 /// lines as plotly and matplotlib join them. Kept by hand: the colour crates' RdBu (colorous,
@@ -50,6 +53,83 @@ pub fn auto_range<'a>(values: impl IntoIterator<Item = &'a Option<f64>>) -> f64 
     if max > 1e-9 { max } else { DEFAULT_RANGE }
 }
 
+/// How a metric's values map to colours.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scale {
+    /// The value at the low end and at the high end.
+    pub lo: f64,
+    pub hi: f64,
+    /// RdBu centred at 0 (then `lo == -hi`), else viridis from `lo` to `hi`.
+    pub diverging: bool,
+}
+
+impl Scale {
+    /// A symmetric diverging scale `[-range, range]`.
+    pub fn diverging(range: f64) -> Self {
+        Self {
+            lo: -range,
+            hi: range,
+            diverging: true,
+        }
+    }
+
+    /// The colour of `value`; values outside the scale clamp.
+    pub fn color(&self, value: f64) -> [u8; 3] {
+        if self.diverging {
+            return rdbu(value, self.hi);
+        }
+        let span = self.hi - self.lo;
+        let t = if span > 0.0 { (value - self.lo) / span } else { 0.5 };
+        let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+        let c = colorous::VIRIDIS.eval_continuous(t);
+        [c.r, c.g, c.b]
+    }
+
+    /// The scale for `metric` in `result`. Fixed by default, so sweeps compare at a glance:
+    /// normalized ±1; logit_diff ± the larger baseline |LD|; prob 0 to 1; logprob, KL and rank
+    /// from their floor to the largest value seen. `auto` fits the diverging ones to the data too.
+    pub fn for_metric(result: &SweepResult, metric: Metric, auto: bool) -> Self {
+        let values = (0..result.layout().len()).filter_map(|i| result.metric_at(metric, i));
+        let finite: Vec<f64> = values.filter(|v| v.is_finite()).collect();
+        let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+        let sequential = |lo: f64, hi: f64| Self {
+            lo,
+            hi: if hi > lo { hi } else { lo + 1.0 },
+            diverging: false,
+        };
+        match metric {
+            Metric::Normalized if auto => {
+                let data = max.abs().max(min.abs());
+                Self::diverging(if data.is_finite() && data > 1e-9 {
+                    data
+                } else {
+                    DEFAULT_RANGE
+                })
+            }
+            Metric::Normalized => Self::diverging(DEFAULT_RANGE),
+            Metric::LogitDiff => {
+                let baselines = result.clean_logit_diff.abs().max(result.corrupted_logit_diff.abs());
+                let data = if auto && max.is_finite() {
+                    max.abs().max(min.abs())
+                } else {
+                    baselines
+                };
+                Self::diverging(if data > 1e-9 { data } else { DEFAULT_RANGE })
+            }
+            Metric::Prob if !auto => sequential(0.0, 1.0),
+            Metric::Prob => sequential(min.max(0.0), max.min(1.0)),
+            Metric::Logprob => sequential(if min.is_finite() { min } else { -1.0 }, 0.0),
+            Metric::Kl | Metric::Rank => sequential(0.0, if max.is_finite() { max } else { 1.0 }),
+        }
+    }
+
+    /// Five evenly spaced tick values, from the high end down.
+    pub fn ticks(&self) -> [f64; 5] {
+        std::array::from_fn(|k| self.hi - (self.hi - self.lo) * k as f64 / 4.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +165,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn sequential_scales_run_from_floor_to_top_and_clamp() {
+        let s = Scale {
+            lo: 0.0,
+            hi: 2.0,
+            diverging: false,
+        };
+        let dark = s.color(0.0);
+        let bright = s.color(2.0);
+        // viridis: dark purple at the floor, yellow at the top.
+        assert!(dark[0] < 90 && dark[1] < 20 && dark[2] > 60, "{dark:?}");
+        assert!(bright[0] > 240 && bright[1] > 220 && bright[2] < 60, "{bright:?}");
+        assert_eq!(s.color(-5.0), dark);
+        assert_eq!(s.color(9.0), bright);
+        assert_eq!(s.ticks(), [2.0, 1.5, 1.0, 0.5, 0.0]);
     }
 }

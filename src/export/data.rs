@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::patching::SweepResult;
+use crate::patching::{Component, Metric, SweepResult};
 
 /// Writes `bytes` to `path` without ever replacing what the path points to:
 /// - `-` is standard output;
@@ -96,34 +96,52 @@ pub fn to_json(result: &SweepResult) -> Result<String> {
     serde_json::to_string_pretty(result).map_err(|e| Error::Internal(format!("serializing results: {e}")))
 }
 
-/// One row per cell: layer, position, tokens, normalized value, raw logit difference, skipped.
+/// One row per cell: where it is (component for block sweeps, layer, position, head), the tokens
+/// at its position, the normalized value, the raw logit difference, skipped, then one column per
+/// metric.
 pub fn to_csv(result: &SweepResult) -> Result<String> {
     let mut out = csv::Writer::from_writer(Vec::new());
     let fail = |e: csv::Error| Error::Internal(format!("writing CSV: {e}"));
-    out.write_record([
-        "layer",
-        "position",
+    let layout = result.layout();
+    let block = result.component == Component::Block;
+    let heads = result.component.has_heads();
+    let mut header: Vec<&str> = Vec::new();
+    if block {
+        header.push("component");
+    }
+    header.extend(["layer", "position"]);
+    if heads {
+        header.push("head");
+    }
+    header.extend([
         "clean_token",
         "corrupted_token",
         "value",
         "patched_logit_diff",
         "skipped",
-    ])
-    .map_err(fail)?;
+    ]);
+    header.extend(Metric::ALL.iter().map(|m| m.name()));
+    out.write_record(&header).map_err(fail)?;
     let num = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
-    for l in 0..result.layers() {
-        for p in 0..result.positions() {
-            out.write_record([
-                l.to_string().as_str(),
-                &p.to_string(),
-                &result.clean.tokens[p],
-                &result.corrupted.tokens[p],
-                &num(result.values[l][p]),
-                &num(result.patched_logit_diff[l][p]),
-                &result.skipped[l][p].to_string(),
-            ])
-            .map_err(fail)?;
+    for (i, at) in layout.cells().enumerate() {
+        let mut row: Vec<String> = Vec::with_capacity(header.len());
+        if block {
+            row.push(layout.component_of(at).name().to_owned());
         }
+        row.push(at.layer.to_string());
+        // Head sweeps without by-position patch every position: the position column is empty.
+        row.push(at.position.map(|p| p.to_string()).unwrap_or_default());
+        if heads {
+            row.push(at.head.map(|h| h.to_string()).unwrap_or_default());
+        }
+        let token = |tokens: &[String]| at.position.and_then(|p| tokens.get(p).cloned()).unwrap_or_default();
+        row.push(token(&result.clean.tokens));
+        row.push(token(&result.corrupted.tokens));
+        row.push(num(result.values.flat()[i]));
+        row.push(num(result.patched_logit_diff.flat()[i]));
+        row.push(result.skipped.flat()[i].to_string());
+        row.extend(Metric::ALL.iter().map(|&m| num(result.metric_at(m, i))));
+        out.write_record(&row).map_err(fail)?;
     }
     let bytes = out
         .into_inner()
@@ -131,23 +149,28 @@ pub fn to_csv(result: &SweepResult) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| Error::Internal(format!("writing CSV: {e}")))
 }
 
-/// The normalized matrix as a NumPy `.npy` file: float64, shape `(layers, positions)`, NaN where
-/// not computed or undefined. `np.load(path)` reads it.
-pub fn to_npy(result: &SweepResult) -> Vec<u8> {
-    let (rows, cols) = (result.layers(), result.positions());
-    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+/// One metric's grid as a NumPy `.npy` file: float64, the result's shape (`(layers, positions)`,
+/// `(layers, heads)`, …), NaN where not computed or undefined. `np.load(path)` reads it.
+pub fn to_npy(result: &SweepResult, metric: Metric) -> Vec<u8> {
+    let shape = &result.shape;
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = if dims.len() == 1 {
+        format!("{},", dims[0])
+    } else {
+        dims.join(", ")
+    };
+    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({tuple}), }}");
     // Magic (6) + version (2) + header length (2) + header + '\n' must be a multiple of 64.
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + rows * cols * 8);
+    let cells: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(10 + header.len() + cells * 8);
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for row in &result.values {
-        for v in row {
-            out.extend_from_slice(&v.unwrap_or(f64::NAN).to_le_bytes());
-        }
+    for i in 0..cells {
+        out.extend_from_slice(&result.metric_at(metric, i).unwrap_or(f64::NAN).to_le_bytes());
     }
     out
 }
@@ -155,10 +178,12 @@ pub fn to_npy(result: &SweepResult) -> Vec<u8> {
 /// Reads a sweep JSON written by [`super::save`].
 pub fn load_json(path: &Path) -> Result<SweepResult> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading results", e, path))?;
-    serde_json::from_str(&text).map_err(|e| Error::Io {
-        message: format!("not a Patchbay sweep file ({e})"),
-        path: path.to_owned(),
-    })
+    serde_json::from_str(&text)
+        .and_then(SweepResult::from_json_value)
+        .map_err(|e| Error::Io {
+            message: format!("not a Patchbay sweep file ({e})"),
+            path: path.to_owned(),
+        })
 }
 
 #[cfg(test)]

@@ -6,9 +6,10 @@ use std::sync::Once;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::colormap::rdbu;
+use super::Shown;
+use super::colormap::Scale;
 use crate::error::{Error, Result};
-use crate::patching::SweepResult;
+use crate::patching::{Axis, SweepResult, View};
 
 const FONT: &str = "sans-serif";
 const CELL_W: i32 = 44;
@@ -31,18 +32,42 @@ fn register_fonts() {
     });
 }
 
-/// Pixel size of the figure for a result.
-pub fn figure_size(result: &SweepResult) -> (u32, u32) {
-    let w = LEFT + CELL_W * result.positions() as i32 + COLORBAR_GAP + COLORBAR_W + RIGHT;
-    let h = TOP + CELL_H * result.layers() as i32 + BOTTOM;
-    (w.max(520) as u32, h as u32)
+/// What one figure draws: a view of one metric on a colour scale.
+struct Figure<'a> {
+    r: &'a SweepResult,
+    shown: Shown,
+    view: View,
+    scale: Scale,
 }
 
-/// The figure's title.
-pub fn title(result: &SweepResult) -> String {
+impl<'a> Figure<'a> {
+    fn new(r: &'a SweepResult, shown: &Shown) -> Self {
+        Self {
+            r,
+            shown: *shown,
+            view: r.layout().view(shown.view),
+            scale: Scale::for_metric(r, shown.metric, shown.auto_range),
+        }
+    }
+}
+
+/// Pixel size of the figure for a result.
+pub fn figure_size(result: &SweepResult, shown: &Shown) -> (u32, u32) {
+    let view = result.layout().view(shown.view);
+    let w = LEFT + CELL_W * view.cols as i32 + COLORBAR_GAP + COLORBAR_W + RIGHT;
+    let h = TOP + CELL_H * view.rows as i32 + BOTTOM;
+    (w.max(560) as u32, h as u32)
+}
+
+/// The figure's title: model, what was patched and how, the metric.
+pub fn title(result: &SweepResult, shown: &Shown) -> String {
+    let view = result.layout().view(shown.view);
     format!(
-        "{} - {} patching, normalized logit difference",
-        result.model.id, result.component
+        "{} - {} ({}), {}",
+        result.model.id,
+        result.view_title(&view),
+        result.direction,
+        shown.metric
     )
 }
 
@@ -58,25 +83,27 @@ fn text(size: f64) -> TextStyle<'static> {
 }
 
 /// The whole figure: header, cells, axes, colorbar.
-fn draw<DB: DrawingBackend>(root: Area<DB>, r: &SweepResult, range: f64) -> Result<()>
+fn draw<DB: DrawingBackend>(root: Area<DB>, f: &Figure) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(fail)?;
-    draw_header(&root, r)?;
-    draw_cells(&root, r, range)?;
-    draw_axes(&root, r)?;
-    draw_colorbar(&root, r, range)?;
+    draw_header(&root, f)?;
+    draw_cells(&root, f)?;
+    draw_axes(&root, f)?;
+    draw_colorbar(&root, f)?;
     root.present().map_err(fail)?;
     Ok(())
 }
 
 /// The title, both prompts with their answers and logit differences, and the metric.
-fn draw_header<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult) -> Result<()>
+fn draw_header<DB: DrawingBackend>(root: &Area<DB>, f: &Figure) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    root.draw(&Text::new(title(r), (LEFT, 18), text(20.0))).map_err(fail)?;
+    let r = f.r;
+    root.draw(&Text::new(title(r, &f.shown), (LEFT, 18), text(20.0)))
+        .map_err(fail)?;
     let grey = text(12.0).color(&RGBColor(80, 80, 80));
     let lines = [
         format!(
@@ -88,8 +115,11 @@ where
             r.corrupted.text, r.incorrect.token, r.corrupted_logit_diff
         ),
         format!(
-            "LD = logit({:?}) - logit({:?}) at the last position",
-            r.correct.token, r.incorrect.token
+            "LD = logit({:?}) - logit({:?}) at the last position; {}: {}",
+            r.correct.token,
+            r.incorrect.token,
+            f.shown.metric,
+            f.shown.metric.definition()
         ),
     ];
     for (i, line) in lines.into_iter().enumerate() {
@@ -100,19 +130,21 @@ where
 }
 
 /// The cells, layer 0 at the top as px.imshow draws a `[layer, pos]` matrix, and their frame.
-fn draw_cells<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult, range: f64) -> Result<()>
+fn draw_cells<DB: DrawingBackend>(root: &Area<DB>, f: &Figure) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
+    let (r, layout) = (f.r, f.r.layout());
+    let (layers, positions) = (f.view.rows as i32, f.view.cols as i32);
     for l in 0..layers {
         for p in 0..positions {
-            let color = match r.values[l as usize][p as usize] {
+            let i = layout.index(layout.view_cell(&f.view, l as usize, p as usize));
+            let color = match r.metric_at(f.shown.metric, i) {
                 Some(v) => {
-                    let [red, g, b] = rdbu(v, range);
+                    let [red, g, b] = f.scale.color(v);
                     RGBColor(red, g, b)
                 }
-                None if r.patched_logit_diff[l as usize][p as usize].is_some() => RGBColor(247, 247, 247),
+                None if r.patched_logit_diff.flat()[i].is_some() => RGBColor(247, 247, 247),
                 None => MISSING,
             };
             let (x, y) = (LEFT + p * CELL_W, TOP + l * CELL_H);
@@ -130,11 +162,12 @@ where
 
 /// Layer ticks on the left, token ticks ("John_1"; both tokens where they differ) below, and the
 /// axis titles.
-fn draw_axes<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult) -> Result<()>
+fn draw_axes<DB: DrawingBackend>(root: &Area<DB>, f: &Figure) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
+    let r = f.r;
+    let (layers, positions) = (f.view.rows as i32, f.view.cols as i32);
     let grid_bottom = TOP + layers * CELL_H;
     // Every layer when they fit, else every other one.
     let step = if CELL_H >= 14 { 1 } else { 2 };
@@ -157,7 +190,7 @@ where
     let tick = TextStyle::from((FONT, 12.0).into_font().transform(FontTransform::Rotate270))
         .color(&BLACK)
         .pos(Pos::new(HPos::Right, VPos::Center));
-    let labels = r.position_labels();
+    let labels = r.column_labels(&f.view);
     for p in 0..positions {
         let label: String = labels[p as usize].chars().take(22).collect();
         root.draw(&Text::new(
@@ -167,26 +200,28 @@ where
         ))
         .map_err(fail)?;
     }
-    root.draw(&Text::new(
-        "Position (clean token / corrupted token)",
-        (LEFT, grid_bottom + BOTTOM - 24),
-        text(14.0),
-    ))
-    .map_err(fail)?;
+    let axis_title = match f.view.columns {
+        Axis::Head if r.component.per_kv_head() => "Key/value head (the query heads it serves)",
+        Axis::Head => "Head",
+        _ => "Position (clean token / corrupted token)",
+    };
+    root.draw(&Text::new(axis_title, (LEFT, grid_bottom + BOTTOM - 24), text(14.0)))
+        .map_err(fail)?;
     Ok(())
 }
 
-/// The colour scale beside the grid, from `range` (top) to `-range`, with five ticks.
-fn draw_colorbar<DB: DrawingBackend>(root: &Area<DB>, r: &SweepResult, range: f64) -> Result<()>
+/// The colour scale beside the grid, from its high end (top) to its low end, with five ticks.
+fn draw_colorbar<DB: DrawingBackend>(root: &Area<DB>, f: &Figure) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let (layers, positions) = (r.layers() as i32, r.positions() as i32);
+    let (layers, positions) = (f.view.rows as i32, f.view.cols as i32);
     let bar_x = LEFT + positions * CELL_W + COLORBAR_GAP;
     let bar_h = (layers * CELL_H).max(120);
+    let (lo, hi) = (f.scale.lo, f.scale.hi);
     for i in 0..bar_h {
-        let v = range * (1.0 - 2.0 * f64::from(i) / f64::from(bar_h - 1));
-        let [red, g, b] = rdbu(v, range);
+        let v = hi - (hi - lo) * f64::from(i) / f64::from(bar_h - 1);
+        let [red, g, b] = f.scale.color(v);
         root.draw(&Rectangle::new(
             [(bar_x, TOP + i), (bar_x + COLORBAR_W, TOP + i + 1)],
             RGBColor(red, g, b).filled(),
@@ -199,8 +234,8 @@ where
     ))
     .map_err(fail)?;
     let left_aligned = text(12.0).pos(Pos::new(HPos::Left, VPos::Center));
-    for k in 0..=4 {
-        let v = range * (1.0 - 0.5 * f64::from(k));
+    for (k, v) in f.scale.ticks().into_iter().enumerate() {
+        let k = k as i32;
         let y = TOP + (f64::from(bar_h) * f64::from(k) / 4.0) as i32;
         root.draw(&PathElement::new(
             vec![(bar_x + COLORBAR_W, y), (bar_x + COLORBAR_W + 4, y)],
@@ -218,24 +253,24 @@ where
 }
 
 /// The figure as SVG text.
-pub fn to_svg(result: &SweepResult, range: f64) -> Result<String> {
+pub fn to_svg(result: &SweepResult, shown: &Shown) -> Result<String> {
     register_fonts();
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, figure_size(result)).into_drawing_area();
-        draw(root, result, range)?;
+        let root = SVGBackend::with_string(&mut svg, figure_size(result, shown)).into_drawing_area();
+        draw(root, &Figure::new(result, shown))?;
     }
     Ok(svg)
 }
 
 /// The figure as PNG bytes, at `scale` × the base size (2 for slides).
-pub fn to_png(result: &SweepResult, range: f64) -> Result<Vec<u8>> {
+pub fn to_png(result: &SweepResult, shown: &Shown) -> Result<Vec<u8>> {
     register_fonts();
-    let (w, h) = figure_size(result);
+    let (w, h) = figure_size(result, shown);
     let mut rgb = vec![0u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
-        draw(root, result, range)?;
+        draw(root, &Figure::new(result, shown))?;
     }
     let mut out = Vec::new();
     {

@@ -9,7 +9,7 @@ pub mod figure;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::patching::SweepResult;
+use crate::patching::{Metric, SweepResult};
 
 /// A file format results can be saved in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,23 +65,32 @@ impl Format {
     }
 }
 
-/// Saves `result` to `path` in the format its extension names; figures use the colour `range`
-/// ([`colormap::DEFAULT_RANGE`] when `None`).
-pub fn save(result: &SweepResult, path: &Path, range: Option<f64>) -> Result<()> {
-    save_as(result, path, Format::from_path(path)?, range)
+/// What a figure or a `.npy` file shows of a result: one metric, and for a grid of three axes one
+/// view of it (a block sweep's component, a by-position head sweep's position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shown {
+    pub metric: Metric,
+    /// The view ([`crate::patching::Layout::view`]) a figure draws.
+    pub view: usize,
+    /// Fit the colour scale to the data rather than the metric's fixed one.
+    pub auto_range: bool,
+}
+
+/// Saves `result` to `path` in the format its extension names, figures and `.npy` showing `shown`.
+pub fn save(result: &SweepResult, path: &Path, shown: &Shown) -> Result<()> {
+    save_as(result, path, Format::from_path(path)?, shown)
 }
 
 /// Saves `result` to `path` in `format`, whatever the extension ([`data::write_file`]: `-` is
 /// standard output, links are followed, devices and FIFOs written directly, regular files replaced
 /// atomically).
-pub fn save_as(result: &SweepResult, path: &Path, format: Format, range: Option<f64>) -> Result<()> {
-    let range = range.unwrap_or(colormap::DEFAULT_RANGE);
+pub fn save_as(result: &SweepResult, path: &Path, format: Format, shown: &Shown) -> Result<()> {
     let bytes = match format {
         Format::Json => data::to_json(result)?.into_bytes(),
         Format::Csv => data::to_csv(result)?.into_bytes(),
-        Format::Npy => data::to_npy(result),
-        Format::Png => figure::to_png(result, range)?,
-        Format::Svg => figure::to_svg(result, range)?.into_bytes(),
+        Format::Npy => data::to_npy(result, shown.metric),
+        Format::Png => figure::to_png(result, shown)?,
+        Format::Svg => figure::to_svg(result, shown)?.into_bytes(),
     };
     data::write_file(path, &bytes)
 }
@@ -207,7 +216,7 @@ mod tests {
         ];
         for (ext, start) in magic {
             let path = dir.join(format!("r.{ext}"));
-            save(&result, &path, None).unwrap();
+            save(&result, &path, &Shown::default()).unwrap();
             let bytes = std::fs::read(&path).unwrap();
             assert!(bytes.starts_with(start), "{ext}");
         }

@@ -5,12 +5,24 @@
 use candle_core::{DType, Tensor};
 
 use super::cones::Segment;
-use super::decoder::{LayerKv, Transformer};
+use super::decoder::{Hooks, LayerKv, Site, Transformer};
 use super::kernels::skinny::linear as linear_fwd;
 use super::layers::Attention;
 use crate::error::{Error, Result};
 
+/// Where a dense attention runs: its layer, the absolute position of its first query, the cached
+/// keys/values before it and the batch its prefix is broadcast to.
+#[derive(Clone, Copy)]
+pub(super) struct At<'a> {
+    pub(super) layer: usize,
+    pub(super) offset: usize,
+    pub(super) prefix: Option<&'a LayerKv>,
+    pub(super) batch: usize,
+}
+
 impl Transformer {
+    /// The dense causal attention of a plain forward, calling `hooks` at the attention's own sites
+    /// (queries, keys, values, pattern and head outputs).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention(
         &self,
@@ -19,9 +31,15 @@ impl Transformer {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        prefix: Option<&LayerKv>,
-        batch: usize,
+        at: At,
+        hooks: &mut dyn Hooks,
     ) -> Result<(Tensor, LayerKv)> {
+        let At {
+            layer,
+            offset,
+            prefix,
+            batch,
+        } = at;
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let hd = cfg.head_dim;
@@ -42,6 +60,9 @@ impl Transformer {
         let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
+        let q = hooks.visit(Site::Q, layer, offset, q)?;
+        let k = hooks.visit(Site::K, layer, offset, k)?;
+        let v = hooks.visit(Site::V, layer, offset, v)?;
         let (k, v) = match prefix {
             Some(p) => {
                 let expand = |t: &Tensor| -> Result<Tensor> {
@@ -69,8 +90,10 @@ impl Transformer {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
+        let probs = hooks.visit(Site::Pattern, layer, offset, probs)?;
         let out = probs.matmul(&v_rep)?; // [b, heads, t, hd]
         let out = out.transpose(1, 2)?.reshape((b, t, cfg.num_heads * hd))?;
+        let out = hooks.visit(Site::Z, layer, offset, out)?;
         Ok((linear_fwd(&attn.o_proj, &out)?, LayerKv { k, v }))
     }
 }

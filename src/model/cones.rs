@@ -148,6 +148,11 @@ impl Transformer {
                     Site::ResidMid => &layer.resid_mid,
                     Site::MlpOut => &layer.mlp_out,
                     Site::ResidPost => &layer.resid_post,
+                    other => {
+                        return Err(Error::Internal(format!(
+                            "a packed forward keeps residual sites only, not {other:?}"
+                        )));
+                    }
                 };
                 acts.insert((site, l), unpack(act)?);
             }

@@ -24,7 +24,8 @@ use super::layers::{Attention, Layer, Mlp, causal_mask, linear, rope_tables, row
 use crate::error::{Error, Result};
 
 /// A place in the forward pass whose activation can be read or overwritten. Names follow
-/// TransformerLens (`blocks.{L}.hook_resid_pre` and so on). Each is `[batch, seq, hidden]`.
+/// TransformerLens (`blocks.{L}.hook_resid_pre`, `blocks.{L}.attn.hook_z` and so on). The residual
+/// sites are `[batch, seq, hidden]`; the attention's own are per head, as each variant says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Site {
     /// The residual stream entering layer L (= resid_post of layer L−1; the embeddings for L = 0).
@@ -37,6 +38,17 @@ pub enum Site {
     MlpOut,
     /// The residual stream leaving layer L: the decoder layer's output.
     ResidPost,
+    /// Queries after QK-norm and RoPE, `[batch, heads, seq, head_dim]`.
+    Q,
+    /// Keys after QK-norm and RoPE, `[batch, kv_heads, seq, head_dim]` (this forward's positions).
+    K,
+    /// Values, `[batch, kv_heads, seq, head_dim]` (this forward's positions).
+    V,
+    /// Attention probabilities, `[batch, heads, seq, offset + seq]` (queries × key positions).
+    Pattern,
+    /// Every head's output before o_proj, `[batch, seq, heads * head_dim]` (head h: columns
+    /// `h * head_dim..`).
+    Z,
 }
 
 /// Reads or overwrites activations at [`Site`]s during a forward pass.
@@ -51,6 +63,46 @@ pub struct NoHooks;
 
 impl Hooks for NoHooks {
     fn visit(&mut self, _: Site, _: usize, _: usize, x: Tensor) -> Result<Tensor> {
+        Ok(x)
+    }
+}
+
+/// One layer's attention internals for a whole prompt (batch 1), per head.
+#[derive(Debug, Clone)]
+pub struct HeadActivations {
+    /// Queries after QK-norm and RoPE, `[heads, seq, head_dim]`.
+    pub q: Tensor,
+    /// Keys after QK-norm and RoPE, `[kv_heads, seq, head_dim]`.
+    pub k: Tensor,
+    /// Values, `[kv_heads, seq, head_dim]`.
+    pub v: Tensor,
+    /// Attention probabilities, `[heads, seq, seq]`.
+    pub pattern: Tensor,
+    /// Head outputs (o_proj's input split by head), `[heads, seq, head_dim]`.
+    pub z: Tensor,
+}
+
+/// Records the attention sites of one layer.
+#[derive(Default)]
+struct RecordHeads {
+    q: Option<Tensor>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    pattern: Option<Tensor>,
+    z: Option<Tensor>,
+}
+
+impl Hooks for RecordHeads {
+    fn visit(&mut self, site: Site, _: usize, _: usize, x: Tensor) -> Result<Tensor> {
+        let slot = match site {
+            Site::Q => &mut self.q,
+            Site::K => &mut self.k,
+            Site::V => &mut self.v,
+            Site::Pattern => &mut self.pattern,
+            Site::Z => &mut self.z,
+            _ => return Ok(x),
+        };
+        *slot = Some(x.clone());
         Ok(x)
     }
 }
@@ -234,7 +286,13 @@ impl Transformer {
             x = hooks.visit(Site::ResidPre, l, span.offset, x)?;
             let prefix = span.prefix.map(|p| &p[l]);
             let normed = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps as f32)?;
-            let (attn, kv) = self.attention(&layer.attn, &normed, &cos, &sin, mask.as_ref(), prefix, batch)?;
+            let at = super::attention::At {
+                layer: l,
+                offset: span.offset,
+                prefix,
+                batch,
+            };
+            let (attn, kv) = self.attention(&layer.attn, &normed, &cos, &sin, mask.as_ref(), at, hooks)?;
             let attn = hooks.visit(Site::AttnOut, l, span.offset, attn)?;
             let mid = hooks.visit(Site::ResidMid, l, span.offset, (x + attn)?)?;
             let mlp = layer
@@ -265,6 +323,56 @@ impl Transformer {
             .mlp
             .forward(mid, &l.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
         Ok((mid + mlp)?)
+    }
+
+    /// Layer `layer`'s attention internals for a whole prompt from its resid_pre (`[1, seq, hidden]`):
+    /// what head-level patching reads from the source run and the run it patches.
+    pub fn head_activations(&self, layer: usize, resid_pre: &Tensor) -> Result<HeadActivations> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::Internal(format!("layer {layer} out of range")))?;
+        let seq = resid_pre.dim(1)?;
+        let mask = causal_mask(seq, 0, &self.device, self.dtype)?;
+        let (cos, sin) = self.rope(seq)?;
+        let (cos, sin) = (cos.narrow(0, 0, seq)?, sin.narrow(0, 0, seq)?);
+        let normed = candle_nn::ops::rms_norm(resid_pre, &l.input_layernorm, self.cfg.rms_norm_eps as f32)?;
+        let mut record = RecordHeads::default();
+        let at = super::attention::At {
+            layer,
+            offset: 0,
+            prefix: None,
+            batch: 1,
+        };
+        self.attention(&l.attn, &normed, &cos, &sin, mask.as_ref(), at, &mut record)?;
+        let take = |t: Option<Tensor>| t.ok_or_else(|| Error::Internal("an attention site was not visited".into()));
+        let z = take(record.z)?; // [1, seq, heads * hd]
+        Ok(HeadActivations {
+            q: take(record.q)?.squeeze(0)?,
+            k: take(record.k)?.squeeze(0)?,
+            v: take(record.v)?.squeeze(0)?,
+            pattern: take(record.pattern)?.squeeze(0)?,
+            z: z.reshape((seq, self.cfg.num_heads, self.cfg.head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?,
+        })
+    }
+
+    /// Layer `layer`'s o_proj weight split by head, `[heads, head_dim, hidden]`: head h's output
+    /// `z_h` (`[.., head_dim]`) adds `z_h · W[h]` to the attention output.
+    pub fn o_proj_by_head(&self, layer: usize) -> Result<Tensor> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::Internal(format!("layer {layer} out of range")))?;
+        let (heads, hd) = (self.cfg.num_heads, self.cfg.head_dim);
+        // weight: [hidden, heads * hd] → [heads, hd, hidden].
+        Ok(l.attn
+            .o_proj
+            .weight()
+            .t()?
+            .reshape((heads, hd, self.cfg.hidden_size))?
+            .contiguous()?)
     }
 
     /// RoPE cos/sin tables covering at least positions `0..positions` (more rows are fine: callers

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cones::{Cone, PromptsForward};
 pub use config::{ArchConfig, Family};
-pub use decoder::{Forward, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
+pub use decoder::{Forward, HeadActivations, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
 pub use device::{DeviceChoice, DeviceKind, DtypeChoice};
 pub use hub::DownloadProgress;
 pub use tokenizer::TextTokenizer;

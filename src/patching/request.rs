@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Component;
 use super::result::{AnswerRecord, PromptRecord};
+use super::{Component, Direction};
 use crate::error::{Error, Result};
 use crate::model::Model;
 
@@ -18,6 +18,12 @@ pub struct SweepRequest {
     /// The answer the corrupted prompt produces (" Mary").
     pub incorrect: String,
     pub component: Component,
+    /// Which run is patched (default: denoising, clean into corrupted).
+    #[serde(default)]
+    pub direction: Direction,
+    /// Head components: one cell per (layer, position, head) rather than per (layer, head).
+    #[serde(default)]
+    pub by_position: bool,
 }
 
 /// A sweep given as token ids rather than text (models without a tokenizer, synthetic benchmarks).
@@ -28,6 +34,10 @@ pub struct TokenSweepRequest {
     pub correct_id: u32,
     pub incorrect_id: u32,
     pub component: Component,
+    #[serde(default)]
+    pub direction: Direction,
+    #[serde(default)]
+    pub by_position: bool,
 }
 
 /// A request checked against a model: prompts tokenized (non-empty, equally long, within the
@@ -39,6 +49,8 @@ pub struct ValidRequest {
     pub correct: AnswerRecord,
     pub incorrect: AnswerRecord,
     pub component: Component,
+    pub direction: Direction,
+    pub by_position: bool,
 }
 
 impl SweepRequest {
@@ -53,7 +65,7 @@ impl SweepRequest {
                 answer_token(model, "correct", &self.correct)?,
                 answer_token(model, "incorrect", &self.incorrect)?,
             ],
-            self.component,
+            (self.component, self.direction, self.by_position),
         )
     }
 }
@@ -104,7 +116,7 @@ impl TokenSweepRequest {
                 answer("correct", self.correct_id)?,
                 answer("incorrect", self.incorrect_id)?,
             ],
-            self.component,
+            (self.component, self.direction, self.by_position),
         )
     }
 }
@@ -114,8 +126,14 @@ impl ValidRequest {
     fn new(
         [clean, corrupted]: [PromptRecord; 2],
         [correct, incorrect]: [AnswerRecord; 2],
-        component: Component,
+        (component, direction, by_position): (Component, Direction, bool),
     ) -> Result<Self> {
+        if by_position && !component.has_heads() {
+            return Err(Error::Input(format!(
+                "--by-position applies to head components (head_out, head_q, head_k, head_v, head_pattern); \
+                 {component} is already patched one position at a time"
+            )));
+        }
         if clean.token_ids.len() != corrupted.token_ids.len() {
             return Err(Error::Input(format!(
                 "the prompts have different token lengths (clean {}, corrupted {}); patching compares them \
@@ -138,6 +156,8 @@ impl ValidRequest {
             correct,
             incorrect,
             component,
+            direction,
+            by_position,
         })
     }
 

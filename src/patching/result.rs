@@ -1,12 +1,16 @@
-//! A sweep's results: the layer × position grid plus everything needed to read it later.
-//! Serialized as the JSON the CLI writes and the GUI exports (`format` = [`FORMAT`]).
+//! A sweep's results: the grid of cells (layer × position, layer × head, layer × position × head
+//! or component × layer × position) plus everything needed to read it later. Serialized as the
+//! JSON the CLI writes and the GUI exports (`format` = [`FORMAT`]).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::Component;
-use super::metric::normalized;
+use super::grid::Grid;
+use super::metric::{Metric, Metrics, normalized};
 use super::request::ValidRequest;
 use super::schedule::Schedule;
+use super::{Component, Direction};
 use crate::model::Model;
 
 /// Identifies the JSON layout, so notebooks can check what they load.
@@ -50,6 +54,15 @@ pub struct ModelRecord {
     pub architecture: String,
     pub num_layers: usize,
     pub hidden_size: usize,
+    /// Query heads per layer.
+    #[serde(default)]
+    pub num_heads: usize,
+    /// Key/value heads per layer (fewer than query heads under GQA).
+    #[serde(default)]
+    pub num_kv_heads: usize,
+    /// Each head's width, read from the config (not always hidden / heads).
+    #[serde(default)]
+    pub head_dim: usize,
     pub dtype: String,
     pub device: String,
 }
@@ -63,6 +76,9 @@ impl ModelRecord {
             architecture: cfg.family.hf_class().to_owned(),
             num_layers: cfg.num_layers,
             hidden_size: cfg.hidden_size,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
             dtype: model.dtype().as_str().to_owned(),
             device: model.device_kind().name().to_owned(),
         }
@@ -78,6 +94,8 @@ pub struct Baseline {
     pub answer_logits: [f32; 2],
     /// The most likely next tokens.
     pub top_k: Vec<TopToken>,
+    /// Every metric of the run.
+    pub metrics: Metrics,
 }
 
 /// How long things took.
@@ -113,14 +131,23 @@ pub struct ForwardTiming {
     pub cells_seconds: f64,
 }
 
-/// The result of patching one component over every layer × position.
+/// The result of patching one component over every layer × position (× head).
+///
+/// Every per-cell field (`values`, `patched_logit_diff`, each of `metrics`, `skipped`, `top_k`,
+/// `answer_logits`) is a nested array of [`SweepResult::shape`], whose axes `axes` names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepResult {
     /// Always [`FORMAT`].
     pub format: String,
     pub model: ModelRecord,
     pub component: Component,
-    /// "normalized_logit_diff".
+    /// Head sweeps: one cell per (layer, position, head) rather than per (layer, head).
+    #[serde(default)]
+    pub by_position: bool,
+    /// Which run was patched with which run's activations.
+    #[serde(default)]
+    pub direction: Direction,
+    /// What `values` holds: "normalized_logit_diff".
     pub metric: String,
     /// The metric in words.
     pub metric_definition: String,
@@ -140,19 +167,37 @@ pub struct SweepResult {
     pub clean_answer_logits: [f32; 2],
     /// The corrupted run's logits of [correct, incorrect].
     pub corrupted_answer_logits: [f32; 2],
-    /// `[layers, positions]`, as TransformerLens' `get_act_patch_*` return.
-    pub shape: [usize; 2],
-    /// The normalized metric per `[layer][position]`; null where not computed or undefined.
-    pub values: Vec<Vec<Option<f64>>>,
-    /// The patched run's raw logit difference per `[layer][position]`; null where not computed.
-    pub patched_logit_diff: Vec<Vec<Option<f64>>>,
+    /// The unpatched runs' metrics, by name (the clean run's KL is 0, its normalized value 1).
+    #[serde(default)]
+    pub clean_metrics: BTreeMap<String, Option<f64>>,
+    #[serde(default)]
+    pub corrupted_metrics: BTreeMap<String, Option<f64>>,
+    /// The grid's axes: `["layer", "position"]`, `["layer", "head"]`, `["layer", "position",
+    /// "head"]` or `["component", "layer", "position"]`, as TransformerLens' `get_act_patch_*` order them.
+    #[serde(default = "default_axes")]
+    pub axes: Vec<Axis>,
+    /// The grid's shape, one number per axis.
+    pub shape: Vec<usize>,
+    /// Block sweeps: the components along the first axis.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block_components: Vec<Component>,
+    /// Head sweeps over key/value heads: the query heads each key/value head serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_heads_of_kv_head: Vec<Vec<usize>>,
+    /// The normalized metric per cell; null where not computed or undefined.
+    pub values: Grid<Option<f64>>,
+    /// The patched run's raw logit difference per cell; null where not computed.
+    pub patched_logit_diff: Grid<Option<f64>>,
+    /// Every metric per cell, by name ([`Metric::name`]); null where not computed or undefined.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, Grid<Option<f64>>>,
     /// Cells filled without running the model because the patch cannot change anything there
     /// (positions before the first token where the prompts differ).
-    pub skipped: Vec<Vec<bool>>,
-    /// The patched run's most likely next tokens per `[layer][position]` (empty where not computed).
-    pub top_k: Vec<Vec<Vec<TopToken>>>,
-    /// The patched run's logits of [correct, incorrect] per `[layer][position]`; null where not computed.
-    pub answer_logits: Vec<Vec<Option<[f32; 2]>>>,
+    pub skipped: Grid<bool>,
+    /// The patched run's most likely next tokens per cell (empty where not computed).
+    pub top_k: Grid<Vec<TopToken>>,
+    /// The patched run's logits of [correct, incorrect] per cell; null where not computed.
+    pub answer_logits: Grid<Option<[f32; 2]>>,
     /// Whether every cell was computed (false after a cancel or an error).
     pub complete: bool,
     /// Why the sweep stopped before every cell was computed, when an error stopped it (null when
@@ -164,15 +209,215 @@ pub struct SweepResult {
     pub timing: Timing,
 }
 
+fn default_axes() -> Vec<Axis> {
+    vec![Axis::Layer, Axis::Position]
+}
+
+/// An axis of a sweep's grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Axis {
+    /// Which of a block sweep's components.
+    Component,
+    Layer,
+    Position,
+    /// Query head, or key/value head for head_k and head_v.
+    Head,
+}
+
+/// Where a cell sits in a sweep: what is patched to compute it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CellAt {
+    /// The layer patched.
+    pub layer: usize,
+    /// The position patched; `None` for every position at once (head sweeps without
+    /// `by_position`).
+    pub position: Option<usize>,
+    /// The head patched (a key/value head for head_k and head_v); `None` for components without heads.
+    pub head: Option<usize>,
+    /// Block sweeps: the index in [`Component::BLOCK_PARTS`]; 0 otherwise.
+    pub part: usize,
+}
+
+impl CellAt {
+    /// A (layer, position) cell of a component without heads.
+    pub fn at(layer: usize, position: usize) -> Self {
+        Self {
+            layer,
+            position: Some(position),
+            head: None,
+            part: 0,
+        }
+    }
+}
+
+/// The cells of a sweep and where each sits in its grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub component: Component,
+    pub by_position: bool,
+    pub layers: usize,
+    pub positions: usize,
+    /// Heads per layer along the head axis (key/value heads for head_k and head_v); 0 without heads.
+    pub heads: usize,
+}
+
+impl Layout {
+    /// The grid's axes.
+    pub fn axes(&self) -> Vec<Axis> {
+        if self.component == Component::Block {
+            vec![Axis::Component, Axis::Layer, Axis::Position]
+        } else if !self.component.has_heads() {
+            vec![Axis::Layer, Axis::Position]
+        } else if self.by_position {
+            vec![Axis::Layer, Axis::Position, Axis::Head]
+        } else {
+            vec![Axis::Layer, Axis::Head]
+        }
+    }
+
+    /// The length of `axis`.
+    pub fn len_of(&self, axis: Axis) -> usize {
+        match axis {
+            Axis::Component => Component::BLOCK_PARTS.len(),
+            Axis::Layer => self.layers,
+            Axis::Position => self.positions,
+            Axis::Head => self.heads,
+        }
+    }
+
+    /// The grid's shape, one number per axis.
+    pub fn shape(&self) -> Vec<usize> {
+        self.axes().into_iter().map(|a| self.len_of(a)).collect()
+    }
+
+    /// Number of cells.
+    pub fn len(&self) -> usize {
+        self.shape().iter().product()
+    }
+
+    /// Whether the grid has no cells.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The flat (row-major) index of a cell.
+    pub fn index(&self, at: CellAt) -> usize {
+        let (p, h) = (at.position.unwrap_or(0), at.head.unwrap_or(0));
+        match self.axes().as_slice() {
+            [Axis::Component, ..] => (at.part * self.layers + at.layer) * self.positions + p,
+            [Axis::Layer, Axis::Position, Axis::Head] => (at.layer * self.positions + p) * self.heads + h,
+            [Axis::Layer, Axis::Head] => at.layer * self.heads + h,
+            _ => at.layer * self.positions + p,
+        }
+    }
+
+    /// The cell at a flat index.
+    pub fn at(&self, index: usize) -> CellAt {
+        let (layers, positions, heads) = (self.layers.max(1), self.positions.max(1), self.heads.max(1));
+        match self.axes().as_slice() {
+            [Axis::Component, ..] => CellAt {
+                part: index / (layers * positions),
+                ..CellAt::at(index / positions % layers, index % positions)
+            },
+            [Axis::Layer, Axis::Position, Axis::Head] => CellAt {
+                layer: index / (positions * heads),
+                position: Some(index / heads % positions),
+                head: Some(index % heads),
+                part: 0,
+            },
+            [Axis::Layer, Axis::Head] => CellAt {
+                layer: index / heads,
+                position: None,
+                head: Some(index % heads),
+                part: 0,
+            },
+            _ => CellAt::at(index / positions, index % positions),
+        }
+    }
+
+    /// Every cell, in grid order.
+    pub fn cells(&self) -> impl Iterator<Item = CellAt> + '_ {
+        (0..self.len()).map(|i| self.at(i))
+    }
+
+    /// The component a cell patches: its block part for block sweeps, the sweep's otherwise.
+    pub fn component_of(&self, at: CellAt) -> Component {
+        if self.component == Component::Block {
+            Component::BLOCK_PARTS[at.part]
+        } else {
+            self.component
+        }
+    }
+
+    /// The 2-D views a heatmap shows: one per component of a block sweep, one per position of a
+    /// by-position head sweep, else a single one.
+    pub fn view_count(&self) -> usize {
+        match self.axes().as_slice() {
+            [Axis::Component, ..] => Component::BLOCK_PARTS.len(),
+            [Axis::Layer, Axis::Position, Axis::Head] => self.positions,
+            _ => 1,
+        }
+    }
+
+    /// View `slice` (see [`Layout::view_count`]): layers down, positions or heads across.
+    pub fn view(&self, slice: usize) -> View {
+        let axes = self.axes();
+        let columns = *axes.last().unwrap_or(&Axis::Position);
+        let fixed = match axes.as_slice() {
+            [Axis::Component, ..] => Some((Axis::Component, slice.min(2))),
+            [Axis::Layer, Axis::Position, Axis::Head] => {
+                Some((Axis::Position, slice.min(self.positions.saturating_sub(1))))
+            }
+            _ => None,
+        };
+        View {
+            rows: self.layers,
+            cols: self.len_of(columns),
+            columns,
+            fixed,
+        }
+    }
+
+    /// The cell at (`row`, `col`) of `view`.
+    pub fn view_cell(&self, view: &View, row: usize, col: usize) -> CellAt {
+        let mut at = CellAt {
+            layer: row,
+            position: None,
+            head: None,
+            part: 0,
+        };
+        match view.columns {
+            Axis::Head => at.head = Some(col),
+            _ => at.position = Some(col),
+        }
+        match view.fixed {
+            Some((Axis::Component, part)) => at.part = part,
+            Some((Axis::Position, p)) => at.position = Some(p),
+            _ => {}
+        }
+        at
+    }
+}
+
+/// A 2-D slice of a sweep's grid: layers down, `columns` across, any other axis `fixed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub rows: usize,
+    pub cols: usize,
+    /// What the columns are: positions or heads.
+    pub columns: Axis,
+    /// The axis this view holds at one index (a block sweep's component, a by-position head
+    /// sweep's position), if any.
+    pub fixed: Option<(Axis, usize)>,
+}
+
 /// One finished cell, as streamed to the UI while a sweep runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cell {
-    pub layer: usize,
-    pub position: usize,
-    /// The patched run's logit difference.
-    pub patched_logit_diff: f64,
-    /// The normalized metric (None when clean and corrupted do not differ).
-    pub value: Option<f64>,
+    pub at: CellAt,
+    /// Every metric of the patched run.
+    pub metrics: Metrics,
     /// Filled without running the model.
     pub skipped: bool,
     /// The patched run's most likely next tokens.
@@ -181,17 +426,28 @@ pub struct Cell {
     pub answer_logits: [f32; 2],
 }
 
+impl Cell {
+    /// The patched run's logit difference.
+    pub fn patched_logit_diff(&self) -> f64 {
+        self.metrics[Metric::LogitDiff.index()].unwrap_or(f64::NAN)
+    }
+
+    /// The normalized metric (None when clean and corrupted do not differ).
+    pub fn value(&self) -> Option<f64> {
+        self.metrics[Metric::Normalized.index()]
+    }
+}
+
 impl SweepResult {
-    /// The result of a sweep over `layers` × the prompts' positions before any cell is done: the
-    /// request's prompts and answers and the clean and corrupted baselines.
+    /// The result of a sweep laid out as `layout` before any cell is done: the request's prompts and
+    /// answers and the clean and corrupted baselines.
     pub fn new(
         model: ModelRecord,
         request: ValidRequest,
         [clean, corrupted]: [Baseline; 2],
-        layers: usize,
+        layout: Layout,
         load_seconds: Option<f64>,
     ) -> Self {
-        let seq = request.clean.token_ids.len();
         let mut warnings = Vec::new();
         if normalized(0.0, clean.logit_diff, corrupted.logit_diff).is_none() {
             warnings.push(format!(
@@ -200,14 +456,27 @@ impl SweepResult {
                 clean.logit_diff
             ));
         }
+        let shape = layout.shape();
+        let by_name = |m: &Metrics| -> BTreeMap<String, Option<f64>> {
+            Metric::ALL
+                .iter()
+                .map(|k| (k.name().to_owned(), m[k.index()]))
+                .collect()
+        };
+        let query_heads_of_kv_head = if layout.component.per_kv_head() {
+            let rep = (model.num_heads / model.num_kv_heads.max(1)).max(1);
+            (0..layout.heads).map(|g| (g * rep..(g + 1) * rep).collect()).collect()
+        } else {
+            Vec::new()
+        };
         Self {
             format: FORMAT.to_owned(),
             model,
             component: request.component,
+            by_position: layout.by_position,
+            direction: request.direction,
             metric: "normalized_logit_diff".to_owned(),
-            metric_definition: "(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted), \
-                LD = logit[correct] - logit[incorrect] at the last position"
-                .to_owned(),
+            metric_definition: Metric::Normalized.definition().to_owned(),
             clean: request.clean,
             corrupted: request.corrupted,
             correct: request.correct,
@@ -218,12 +487,25 @@ impl SweepResult {
             corrupted_top_k: corrupted.top_k,
             clean_answer_logits: clean.answer_logits,
             corrupted_answer_logits: corrupted.answer_logits,
-            shape: [layers, seq],
-            values: vec![vec![None; seq]; layers],
-            patched_logit_diff: vec![vec![None; seq]; layers],
-            skipped: vec![vec![false; seq]; layers],
-            top_k: vec![vec![Vec::new(); seq]; layers],
-            answer_logits: vec![vec![None; seq]; layers],
+            clean_metrics: by_name(&clean.metrics),
+            corrupted_metrics: by_name(&corrupted.metrics),
+            axes: layout.axes(),
+            block_components: if layout.component == Component::Block {
+                Component::BLOCK_PARTS.to_vec()
+            } else {
+                Vec::new()
+            },
+            query_heads_of_kv_head,
+            values: Grid::new(shape.clone(), None),
+            patched_logit_diff: Grid::new(shape.clone(), None),
+            metrics: Metric::ALL
+                .iter()
+                .map(|m| (m.name().to_owned(), Grid::new(shape.clone(), None)))
+                .collect(),
+            skipped: Grid::new(shape.clone(), false),
+            top_k: Grid::new(shape.clone(), Vec::new()),
+            answer_logits: Grid::new(shape.clone(), None),
+            shape,
             complete: false,
             error: None,
             warnings,
@@ -234,29 +516,91 @@ impl SweepResult {
         }
     }
 
-    /// Number of layers (rows).
-    pub fn layers(&self) -> usize {
-        self.shape[0]
+    /// Where each cell sits in the grid.
+    pub fn layout(&self) -> Layout {
+        let len = |axis: Axis| {
+            self.axes
+                .iter()
+                .position(|&a| a == axis)
+                .and_then(|i| self.shape.get(i).copied())
+        };
+        Layout {
+            component: self.component,
+            by_position: self.by_position,
+            layers: len(Axis::Layer).unwrap_or(self.model.num_layers),
+            positions: self.clean.token_ids.len(),
+            heads: len(Axis::Head).unwrap_or(0),
+        }
     }
 
-    /// Number of positions (columns).
+    /// Number of layers.
+    pub fn layers(&self) -> usize {
+        self.layout().layers
+    }
+
+    /// Number of positions (tokens in each prompt).
     pub fn positions(&self) -> usize {
-        self.shape[1]
+        self.clean.token_ids.len()
     }
 
     /// Stores a finished cell.
     pub fn insert(&mut self, cell: Cell) {
-        let (l, p) = (cell.layer, cell.position);
-        self.values[l][p] = cell.value;
-        self.patched_logit_diff[l][p] = Some(cell.patched_logit_diff);
-        self.skipped[l][p] = cell.skipped;
-        self.top_k[l][p] = cell.top_k;
-        self.answer_logits[l][p] = Some(cell.answer_logits);
+        let i = self.layout().index(cell.at);
+        self.values.set(i, cell.value());
+        self.patched_logit_diff.set(i, Some(cell.patched_logit_diff()));
+        for m in Metric::ALL {
+            if let Some(grid) = self.metrics.get_mut(m.name()) {
+                grid.set(i, cell.metrics[m.index()]);
+            }
+        }
+        self.skipped.set(i, cell.skipped);
+        self.top_k.set(i, cell.top_k);
+        self.answer_logits.set(i, Some(cell.answer_logits));
     }
 
     /// The cells computed so far.
     pub fn done_cells(&self) -> usize {
-        self.patched_logit_diff.iter().flatten().filter(|v| v.is_some()).count()
+        self.patched_logit_diff.flat().iter().filter(|v| v.is_some()).count()
+    }
+
+    /// `metric` of the cell at flat index `i`: from `metrics`, or for results written before it
+    /// existed, `values` and `patched_logit_diff`.
+    pub fn metric_at(&self, metric: Metric, i: usize) -> Option<f64> {
+        match self.metrics.get(metric.name()) {
+            Some(grid) => grid.flat().get(i).copied().flatten(),
+            None => match metric {
+                Metric::Normalized => self.values.flat().get(i).copied().flatten(),
+                Metric::LogitDiff => self.patched_logit_diff.flat().get(i).copied().flatten(),
+                _ => None,
+            },
+        }
+    }
+
+    /// The metrics this result has (older results: normalized and logit_diff only).
+    pub fn available_metrics(&self) -> Vec<Metric> {
+        Metric::ALL
+            .into_iter()
+            .filter(|m| self.metrics.contains_key(m.name()) || matches!(m, Metric::Normalized | Metric::LogitDiff))
+            .collect()
+    }
+
+    /// The unpatched (target, source) runs' value of `metric`: (corrupted, clean) when denoising.
+    pub fn baseline_metric(&self, metric: Metric, clean: bool) -> Option<f64> {
+        let map = if clean {
+            &self.clean_metrics
+        } else {
+            &self.corrupted_metrics
+        };
+        match map.get(metric.name()) {
+            Some(v) => *v,
+            None => match metric {
+                Metric::LogitDiff if clean => Some(self.clean_logit_diff),
+                Metric::LogitDiff => Some(self.corrupted_logit_diff),
+                Metric::Normalized if clean => Some(1.0),
+                Metric::Normalized => Some(0.0),
+                _ => None,
+            },
+        }
     }
 
     /// Position labels as researchers write them: the token text with its index (" John_1" →
@@ -276,6 +620,66 @@ impl SweepResult {
                 }
             })
             .collect()
+    }
+
+    /// Head labels along a head axis: "H3"; for key/value heads, the query heads they serve too
+    /// ("KV1 (H3–5)").
+    pub fn head_labels(&self) -> Vec<String> {
+        let heads = self.layout().heads;
+        if self.query_heads_of_kv_head.is_empty() {
+            return (0..heads).map(|h| format!("H{h}")).collect();
+        }
+        self.query_heads_of_kv_head
+            .iter()
+            .enumerate()
+            .map(|(g, q)| match (q.first(), q.last()) {
+                (Some(a), Some(b)) if a != b => format!("KV{g} (H{a}–{b})"),
+                (Some(a), _) => format!("KV{g} (H{a})"),
+                _ => format!("KV{g}"),
+            })
+            .collect()
+    }
+
+    /// Labels of `view`'s columns.
+    pub fn column_labels(&self, view: &View) -> Vec<String> {
+        match view.columns {
+            Axis::Head => self.head_labels(),
+            _ => self.position_labels(),
+        }
+    }
+
+    /// What `view` of this result shows, in words: "head_out at position Mary/John_9".
+    pub fn view_title(&self, view: &View) -> String {
+        match view.fixed {
+            Some((Axis::Component, part)) => Component::BLOCK_PARTS[part.min(2)].name().to_owned(),
+            Some((Axis::Position, p)) => format!(
+                "{} at position {}",
+                self.component,
+                self.position_labels().get(p).map_or("?", String::as_str)
+            ),
+            _ => self.component.name().to_owned(),
+        }
+    }
+
+    /// Turns a JSON value written by [`serde_json`] from a result back into one: the per-cell
+    /// fields are nested arrays of `shape`, which [`Grid`] reads flat.
+    pub fn from_json_value(mut value: serde_json::Value) -> serde_json::Result<Self> {
+        use serde::de::Error as _;
+        let shape: Vec<usize> = serde_json::from_value(value["shape"].clone())?;
+        let object = value
+            .as_object_mut()
+            .ok_or_else(|| serde_json::Error::custom("not a JSON object"))?;
+        for field in ["values", "patched_logit_diff", "skipped", "top_k", "answer_logits"] {
+            if let Some(v) = object.get_mut(field) {
+                *v = Grid::<()>::wire(v.take(), &shape)?;
+            }
+        }
+        if let Some(serde_json::Value::Object(metrics)) = object.get_mut("metrics") {
+            for v in metrics.values_mut() {
+                *v = Grid::<()>::wire(v.take(), &shape)?;
+            }
+        }
+        serde_json::from_value(value)
     }
 }
 
@@ -297,6 +701,7 @@ impl SweepResult {
             logit_diff,
             answer_logits: [logit_diff as f32, 0.0],
             top_k: Vec::new(),
+            metrics: [Some(logit_diff); Metric::COUNT],
         };
         let request = ValidRequest {
             clean: prompt.clone(),
@@ -304,16 +709,28 @@ impl SweepResult {
             correct: answer(0),
             incorrect: answer(1),
             component: Component::ResidPost,
+            direction: Direction::Denoising,
+            by_position: false,
         };
         let model = ModelRecord {
             id: "test".into(),
             architecture: "LlamaForCausalLM".into(),
             num_layers: layers,
             hidden_size: 8,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
             dtype: "f32".into(),
             device: "cpu".into(),
         };
-        Self::new(model, request, [baseline(1.0), baseline(0.0)], layers, None)
+        let layout = Layout {
+            component: Component::ResidPost,
+            by_position: false,
+            layers,
+            positions,
+            heads: 0,
+        };
+        Self::new(model, request, [baseline(1.0), baseline(0.0)], layout, None)
     }
 }
 
@@ -327,5 +744,53 @@ mod tests {
         r.clean.tokens = vec!["After".into(), " Mary".into(), " to".into()];
         r.corrupted.tokens = vec!["After".into(), " John".into(), " to".into()];
         assert_eq!(r.position_labels(), ["After_0", "Mary/John_1", "to_2"]);
+    }
+
+    #[test]
+    fn every_layout_indexes_each_cell_once_in_transformer_lens_order() {
+        for (component, by_position, shape) in [
+            (Component::AttnOut, false, vec![3, 5]),
+            (Component::Block, false, vec![3, 3, 5]),
+            (Component::HeadOut, false, vec![3, 4]),
+            (Component::HeadV, true, vec![3, 5, 4]),
+        ] {
+            let layout = Layout {
+                component,
+                by_position,
+                layers: 3,
+                positions: 5,
+                heads: 4,
+            };
+            assert_eq!(layout.shape(), shape, "{component}");
+            for (i, at) in layout.cells().enumerate() {
+                assert_eq!(layout.index(at), i, "{component} {at:?}");
+            }
+            // The views cover every cell exactly once.
+            let mut seen = vec![0; layout.len()];
+            for slice in 0..layout.view_count() {
+                let view = layout.view(slice);
+                for r in 0..view.rows {
+                    for c in 0..view.cols {
+                        seen[layout.index(layout.view_cell(&view, r, c))] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{component}: {seen:?}");
+        }
+        // [layer][position][head]: position-major within a layer, as get_act_patch_attn_head_out_by_pos.
+        let layout = Layout {
+            component: Component::HeadOut,
+            by_position: true,
+            layers: 2,
+            positions: 3,
+            heads: 4,
+        };
+        let at = CellAt {
+            layer: 1,
+            position: Some(2),
+            head: Some(3),
+            part: 0,
+        };
+        assert_eq!(layout.index(at), (3 + 2) * 4 + 3);
     }
 }

@@ -34,8 +34,7 @@ const FAST_MAX_BLOCK_LOGIT_BYTES: usize = 128 << 20;
 /// ~16k token rows, Qwen3-0.6B ~7k, far more than a matmul needs to run efficiently).
 const FAST_MAX_BLOCK_ACTIVATION_BYTES: usize = 512 << 20;
 
-/// A cell: (layer, position).
-pub(crate) type CellAt = (usize, usize);
+pub(crate) use super::result::CellAt;
 
 /// How cells are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -155,7 +154,7 @@ pub(crate) fn pack_blocks(
         packed += rows(cell);
         block.push(*cell);
         let next = cells.get(i + 1);
-        let layer_ends = next.is_none_or(|next| next.0 != cell.0);
+        let layer_ends = next.is_none_or(|next| next.layer != cell.layer);
         let full = block.len() >= max_cells || next.is_some_and(|next| packed + rows(next) > max_rows);
         let enough = spent >= budget || (packed >= FAST_EFFICIENT_ROWS && spent >= share);
         if full || (layer_ends && enough && remaining >= spent.min(budget)) {
@@ -178,16 +177,24 @@ pub(crate) fn pack_blocks(
 /// to [`FAST_BLOCK_GROWTH`] times the one before, so the bulk runs in a few large, efficient
 /// forwards ([`pack_blocks`]), within the memory bounds [`FAST_MAX_BLOCK_LOGIT_BYTES`] and
 /// [`FAST_MAX_BLOCK_ACTIVATION_BYTES`]. `seq` is the prompts' length, `cost` a cell's predicted
-/// cost, and `tensor_attention` whether the forward takes the tensor attention (any device and
-/// dtype but f32 on the CPU).
+/// cost, `rows` its cone's token rows, and `tensor_attention` whether the forward takes the tensor
+/// attention (any device and dtype but f32 on the CPU).
 pub(crate) fn fast_blocks(
     mut cells: Vec<CellAt>,
     cfg: &ArchConfig,
     seq: usize,
     tensor_attention: bool,
     cost: &dyn Fn(&CellAt) -> usize,
+    rows: &dyn Fn(&CellAt) -> usize,
 ) -> Vec<Vec<CellAt>> {
-    cells.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+    // Late layers first, late positions first within a layer; then heads and block parts in order.
+    cells.sort_by(|a, b| {
+        b.layer
+            .cmp(&a.layer)
+            .then(b.position.cmp(&a.position))
+            .then(a.head.cmp(&b.head))
+            .then(a.part.cmp(&b.part))
+    });
     let max_cells = (FAST_MAX_BLOCK_LOGIT_BYTES / (4 * cfg.vocab_size.max(1))).max(1);
     // A packed token row's activations in one layer: the residual stream and its copies (norm,
     // attention output, resid_mid, MLP output), queries, keys and values, and the MLP's gate,
@@ -203,20 +210,19 @@ pub(crate) fn fast_blocks(
         * (5 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size)
         + attention_bytes;
     let max_rows = (FAST_MAX_BLOCK_ACTIVATION_BYTES / row_bytes.max(1)).max(seq);
-    let rows = |&(_, p): &CellAt| seq - p;
-    pack_blocks(&cells, cost, &rows, max_cells, max_rows)
+    pack_blocks(&cells, cost, rows, max_cells, max_rows)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn blocks(sizes: &[usize]) -> Vec<Vec<(usize, usize)>> {
+    fn blocks(sizes: &[usize]) -> Vec<Vec<CellAt>> {
         let mut next = 0;
         sizes
             .iter()
             .map(|&n| {
-                let block = (next..next + n).map(|i| (i / 10, i % 10)).collect();
+                let block = (next..next + n).map(|i| CellAt::at(i / 10, i % 10)).collect();
                 next += n;
                 block
             })
@@ -235,9 +241,13 @@ mod tests {
         // SmolLM2 IOI resid_post as the fast schedule orders it: layers 28..0 (the last layer's
         // cells come with the baselines) × positions 15..9, each cell costing its cone (the layers
         // after it × its tokens) and the unembedding of a row (8 token-layers).
-        let cells: Vec<CellAt> = (0..29).rev().flat_map(|l| (9..16).rev().map(move |p| (l, p))).collect();
-        let cost = |&(l, p): &CellAt| (29 - l) * (16 - p) + 8;
-        let rows = |&(_, p): &CellAt| 16 - p;
+        let cells: Vec<CellAt> = (0..29)
+            .rev()
+            .flat_map(|l| (9..16).rev().map(move |p| CellAt::at(l, p)))
+            .collect();
+        let pos = |at: &CellAt| at.position.unwrap();
+        let cost = |at: &CellAt| (29 - at.layer) * (16 - pos(at)) + 8;
+        let rows = |at: &CellAt| 16 - pos(at);
         let check = |blocks: &[Vec<CellAt>], max_cells: usize, max_rows: usize| {
             assert_eq!(blocks.concat(), cells, "every cell once, in order");
             for b in blocks {
@@ -256,7 +266,7 @@ mod tests {
         // A cell larger than the row bound still runs, alone.
         let alone = pack_blocks(&cells, &cost, &rows, usize::MAX, 3);
         check(&alone, usize::MAX, 3);
-        assert!(alone.iter().any(|b| b == &[(28, 9)]));
+        assert!(alone.iter().any(|b| b == &[CellAt::at(28, 9)]));
     }
 
     #[test]
@@ -265,10 +275,11 @@ mod tests {
         let (layers, seq) = (30, 43);
         let cells: Vec<CellAt> = (0..layers - 1)
             .rev()
-            .flat_map(|l| (0..seq).rev().map(move |p| (l, p)))
+            .flat_map(|l| (0..seq).rev().map(move |p| CellAt::at(l, p)))
             .collect();
-        let cost = |&(l, p): &CellAt| (layers - 1 - l) * (seq - p) + 8;
-        let rows = |&(_, p): &CellAt| seq - p;
+        let pos = |at: &CellAt| at.position.unwrap();
+        let cost = |at: &CellAt| (layers - 1 - at.layer) * (seq - pos(at)) + 8;
+        let rows = |at: &CellAt| seq - pos(at);
         let total: usize = cells.iter().map(cost).sum();
         let blocks = pack_blocks(&cells, &cost, &rows, usize::MAX, usize::MAX);
         assert_eq!(blocks.concat(), cells, "every cell once, in order");
@@ -276,7 +287,7 @@ mod tests {
         // The first blocks grow as usual; no block, the last (which takes a small remainder) aside,
         // costs much more than the share plus one layer's cells.
         assert!(costs[0] < costs[1] && costs[1] < costs[2], "{costs:?}");
-        let layer_cost = (layers - 1) * rows(&(0, 0)) * seq;
+        let layer_cost = (layers - 1) * rows(&CellAt::at(0, 0)) * seq;
         let share = (total as f64 * FAST_MAX_BLOCK_SHARE) as usize;
         for &c in &costs[..costs.len() - 1] {
             assert!(c < share + layer_cost, "{c} of {total}: {costs:?}");
@@ -321,7 +332,7 @@ mod tests {
                 delivered.extend_from_slice(block);
                 Ok(())
             });
-            assert_eq!(delivered, [(0, 0)], "{what}");
+            assert_eq!(delivered, [CellAt::at(0, 0)], "{what}");
             assert!(
                 run.error.is_some() && !run.cancelled && run.split_to.is_none(),
                 "{what}"
@@ -339,6 +350,6 @@ mod tests {
             delivered.extend_from_slice(block);
             Ok(())
         });
-        assert!(run.cancelled && run.error.is_none() && delivered == [(0, 0)]);
+        assert!(run.cancelled && run.error.is_none() && delivered == [CellAt::at(0, 0)]);
     }
 }

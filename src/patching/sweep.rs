@@ -1,5 +1,9 @@
 //! Sweeps: validate the prompts and answers, run the clean and corrupted baselines, then patch
-//! every layer × position and stream each finished cell.
+//! every cell (layer × position, layer × head, …) and stream each finished one.
+//!
+//! Denoising patches the clean run's activations into the corrupted run; noising the corrupted
+//! run's into the clean run. Below, the run that gives activations is the *source* and the run
+//! patched is the *target*.
 //!
 //! Two schedules compute the same cells:
 //! - [`Schedule::Fast`] (default) runs only each patch's causal cone. A patch at (layer L,
@@ -9,27 +13,32 @@
 //!   ([`Transformer::forward_cones`](crate::model::Transformer::forward_cones)).
 //!   The last layer's cells need no layer at all, only the final norm and unembedding of one row:
 //!   they are computed with the baselines.
-//! - [`Schedule::Naive`] runs one full corrupted forward per cell, as a notebook loop does: the
-//!   baseline the fast schedule is measured and tested against.
+//!   Head cells start at the next layer too, from the layer's recomputed attention output
+//!   ([`super::heads`]).
+//! - [`Schedule::Naive`] runs one full target forward per cell, as a notebook loop does, patching
+//!   through hooks ([`super::hooks`]): the baseline the fast schedule is measured and tested against.
 //!
 //! Both start from the same baselines: the clean and corrupted prompts in one packed forward that
 //! computes their shared first tokens once
 //! ([`Transformer::forward_shared_prefix`](crate::model::Transformer::forward_shared_prefix)).
 
+use std::cell::RefCell;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::Component;
+use super::heads::HeadPatcher;
+use super::hooks::{PatchCells, SourceActs};
 use super::logits::{logits_rows, top_tokens};
-use super::metric::{logit_diff, normalized};
+use super::metric::{MetricBasis, logit_diff};
 use super::progress::{SweepEvent, reporting_attempt};
 use super::request::{SweepRequest, TokenSweepRequest, ValidRequest};
-use super::result::{Baseline, Cell, ForwardTiming, ModelRecord, SweepResult};
-use super::schedule::{BlockRun, CellAt, Schedule, fast_blocks, run_blocks};
+use super::result::{Baseline, Cell, CellAt, ForwardTiming, Layout, ModelRecord, SweepResult};
+use super::schedule::{BlockRun, Schedule, fast_blocks, run_blocks};
+use super::{Component, Direction};
 use crate::error::{Error, Result};
-use crate::model::{Cone, Hooks, LayerKv, Model, Site, Span};
+use crate::model::{Cone, LayerKv, Model, Site, Span};
 
 /// How many next-token candidates are kept per run.
 pub const DEFAULT_TOP_K: usize = 10;
@@ -66,74 +75,66 @@ impl Default for SweepOptions {
     }
 }
 
-/// A prepared sweep: inputs validated, baselines run, clean activations cached.
+/// A prepared sweep: inputs validated, baselines run, source activations cached.
 pub struct Sweep<'m> {
     pub(super) model: &'m Model,
     pub(super) result: SweepResult,
-    /// The clean run's activation at the swept site, per layer, `[1, seq, hidden]`.
-    clean_acts: Vec<Tensor>,
-    /// The corrupted run's residual stream, `[seq, hidden]`: resid_pre of every layer, then the
+    pub(super) layout: Layout,
+    /// The source run's activations at the sites the sweep patches, per layer, `[1, seq, ..]` as
+    /// the forward's hooks see them (head sites are added when the naive schedule needs them).
+    source: SourceActs,
+    /// The source run's resid_pre per layer, `[seq, hidden]` (head cells recompute its attention).
+    source_stream: Vec<Tensor>,
+    /// The target run's residual stream, `[seq, hidden]`: resid_pre of every layer, then the
     /// last layer's resid_post (where a cone that starts after the last layer begins).
-    corrupted_stream: Vec<Tensor>,
-    /// The corrupted run's resid_mid per layer, `[seq, hidden]`.
-    corrupted_mid: Vec<Tensor>,
-    /// The corrupted run's keys/values per layer, `[1, kv_heads, seq, head_dim]`.
-    corrupted_kv: Vec<LayerKv>,
+    target_stream: Vec<Tensor>,
+    /// The target run's resid_mid per layer, `[seq, hidden]`.
+    target_mid: Vec<Tensor>,
+    /// The target run's keys/values per layer, `[1, kv_heads, seq, head_dim]`.
+    target_kv: Vec<LayerKv>,
     /// First position where the prompts' tokens differ (`seq` when they are identical).
     pub(super) first_diff: usize,
-    /// The last layer's cells, computed with the baselines (every component but resid_pre): the
-    /// logits of the patch at the last position, and the corrupted run's, which every patch at an
-    /// earlier position leaves unchanged there.
+    /// The last layer's cells, computed with the baselines (resid_post, resid_mid, attn_out and
+    /// mlp_out): the logits of the patch at the last position, and the target run's, which every
+    /// patch at an earlier position leaves unchanged there.
     pub(super) last_layer_logits: Option<(Vec<f32>, Vec<f32>)>,
+    /// The target run's logits (the no-op cells' numbers).
+    target_logits: Vec<f32>,
+    /// What every cell's metrics are measured against.
+    basis: MetricBasis,
     pub(super) baseline_seconds: f64,
 }
 
-/// Overwrites, per batch row, one (layer, position) of one site with the clean activation.
-struct PatchRows<'a> {
-    site: Site,
-    /// (layer, position) patched in each batch row.
-    rows: &'a [CellAt],
-    clean: &'a [Tensor],
-}
-
-impl Hooks for PatchRows<'_> {
-    fn visit(&mut self, site: Site, layer: usize, offset: usize, x: Tensor) -> Result<Tensor> {
-        if site != self.site || !self.rows.iter().any(|&(l, _)| l == layer) {
-            return Ok(x);
-        }
-        let (batch, seq, hidden) = x.dims3()?;
-        let mut mask = vec![0u8; batch * seq];
-        for (row, &(l, p)) in self.rows.iter().enumerate() {
-            if l == layer && p >= offset && p < offset + seq {
-                mask[row * seq + (p - offset)] = 1;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (batch, seq, 1), x.device())?.broadcast_as((batch, seq, hidden))?;
-        let clean = self.clean[layer]
-            .narrow(1, offset, seq)?
-            .broadcast_as((batch, seq, hidden))?;
-        Ok(mask.where_cond(&clean, &x)?)
-    }
-}
-
 /// The residual stream a cone starts from (see [`Sweep::cone_start_layer`]) when `component` at
-/// `layer` is patched with `clean` (rows of the clean run's activation); `pre` and `mid` are the
-/// corrupted run's resid_pre and resid_mid at the same positions.
+/// `layer` is patched with `source` (rows of the source run's activation); `pre` and `mid` are the
+/// target run's resid_pre and resid_mid at the same positions.
 fn patched_stream(
     model: &Model,
     component: Component,
     layer: usize,
-    clean: Tensor,
+    source: Tensor,
     pre: Tensor,
     mid: Tensor,
 ) -> Result<Tensor> {
     Ok(match component {
-        Component::ResidPre | Component::ResidPost => clean,
+        Component::ResidPre | Component::ResidPost => source,
         // resid_post = resid_mid + mlp_out.
-        Component::MlpOut => (mid + clean)?,
+        Component::MlpOut => (mid + source)?,
+        // The layer's MLP runs on the patched resid_mid.
+        Component::ResidMid => model.transformer.mlp_residual(layer, &source)?,
         // resid_mid = resid_pre + attn_out; the layer's MLP then runs on it.
-        Component::AttnOut => model.transformer.mlp_residual(layer, &(pre + clean)?)?,
+        Component::AttnOut => model.transformer.mlp_residual(layer, &(pre + source)?)?,
+        other => return Err(Error::Internal(format!("{other} has no residual-stream patch"))),
     })
+}
+
+/// The residual sites a sweep of `component` patches.
+fn residual_sites(component: Component) -> Vec<Site> {
+    match component {
+        Component::Block => Component::BLOCK_PARTS.iter().filter_map(|c| c.site()).collect(),
+        c if c.has_heads() => Vec::new(),
+        c => c.site().into_iter().collect(),
+    }
 }
 
 impl<'m> Sweep<'m> {
@@ -159,14 +160,37 @@ impl<'m> Sweep<'m> {
         let first_diff = request.first_diff();
         let component = request.component;
         let seq = request.clean.token_ids.len();
+        let cfg = &model.config;
+        if component.has_heads() && (cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.head_dim == 0) {
+            return Err(Error::Input(format!(
+                "{component} patches attention heads, but this model's config gives no head counts"
+            )));
+        }
+        let layout = Layout {
+            component,
+            by_position: request.by_position,
+            layers: cfg.num_layers,
+            positions: seq,
+            heads: if component.per_kv_head() {
+                cfg.num_kv_heads
+            } else if component.has_heads() {
+                cfg.num_heads
+            } else {
+                0
+            },
+        };
 
         let t = &model.transformer;
-        let site = component.site();
-        let layers = model.config.num_layers;
-        // Both baselines in one packed forward (row 0 clean, row 1 corrupted) that computes the
-        // tokens before the first difference once; the corrupted row also keeps what the fast
-        // schedule starts cones from.
-        let mut sites = vec![site, Site::ResidPre, Site::ResidMid, Site::ResidPost];
+        let layers = cfg.num_layers;
+        // Baseline rows: 0 clean, 1 corrupted. Denoising patches clean into corrupted.
+        let (source_row, target_row) = match request.direction {
+            Direction::Denoising => (0, 1),
+            Direction::Noising => (1, 0),
+        };
+        // Both baselines in one packed forward that computes the tokens before the first
+        // difference once; it also keeps what the fast schedule starts cones from.
+        let mut sites = residual_sites(component);
+        sites.extend([Site::ResidPre, Site::ResidMid, Site::ResidPost]);
         sites.sort();
         sites.dedup();
         let baselines = t.forward_shared_prefix(
@@ -181,74 +205,97 @@ impl<'m> Sweep<'m> {
                 .cloned()
                 .ok_or_else(|| Error::Internal(format!("no {site:?} activation captured at layer {l}")))
         };
-        let clean_acts = (0..layers)
-            .map(|l| Ok(act(site, l)?.narrow(0, 0, 1)?))
+        let mut source = SourceActs::new();
+        for site in residual_sites(component) {
+            for l in 0..layers {
+                source.insert((site, l), act(site, l)?.narrow(0, source_row, 1)?);
+            }
+        }
+        let run_stream = |row: usize| -> Result<Vec<Tensor>> {
+            let mut stream = (0..layers)
+                .map(|l| Ok(act(Site::ResidPre, l)?.get(row)?))
+                .collect::<Result<Vec<_>>>()?;
+            stream.push(act(Site::ResidPost, layers - 1)?.get(row)?);
+            Ok(stream)
+        };
+        let source_stream = run_stream(source_row)?;
+        let target_stream = run_stream(target_row)?;
+        let target_mid = (0..layers)
+            .map(|l| Ok(act(Site::ResidMid, l)?.get(target_row)?))
             .collect::<Result<Vec<_>>>()?;
-        let mut corrupted_stream = (0..layers)
-            .map(|l| Ok(act(Site::ResidPre, l)?.get(1)?))
-            .collect::<Result<Vec<_>>>()?;
-        corrupted_stream.push(act(Site::ResidPost, layers - 1)?.get(1)?);
-        let corrupted_mid = (0..layers)
-            .map(|l| Ok(act(Site::ResidMid, l)?.get(1)?))
-            .collect::<Result<Vec<_>>>()?;
-        let corrupted_kv = baselines
+        let target_kv = baselines
             .kv
             .iter()
             .map(|kv| {
                 Ok(LayerKv {
-                    k: kv.k.narrow(0, 1, 1)?,
-                    v: kv.v.narrow(0, 1, 1)?,
+                    k: kv.k.narrow(0, target_row, 1)?,
+                    v: kv.v.narrow(0, target_row, 1)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
 
-        // The last layer's cells (every component but resid_pre) run no layer at all: the patched
-        // residual stream at the last position goes straight to the final norm and unembedding:
-        // the clean-patched row for the patch at the last position, the corrupted run's own for
-        // the others. They share the baselines' pass over the unembedding, so the first cells are
-        // ready with the baselines.
+        // The last layer's cells of the components patched after that layer's attention run no
+        // layer at all: the patched residual stream at the last position goes straight to the
+        // final norm and unembedding: the source-patched row for the patch at the last position,
+        // the target run's own for the others. They share the baselines' pass over the
+        // unembedding, so the first cells are ready with the baselines.
         let last = layers - 1;
-        let has_ready = component != Component::ResidPre && first_diff < seq;
+        let has_ready = matches!(
+            component,
+            Component::ResidPost | Component::ResidMid | Component::AttnOut | Component::MlpOut
+        ) && first_diff < seq;
         let mut finals = vec![baselines.last_hidden.clone()];
         if has_ready {
             let at_last = |t: &Tensor| t.narrow(0, seq - 1, 1);
+            let site = component.site().ok_or_else(|| Error::Internal("no site".into()))?;
             finals.push(patched_stream(
                 model,
                 component,
                 last,
-                at_last(&clean_acts[last].squeeze(0)?)?,
-                at_last(&corrupted_stream[last])?,
-                at_last(&corrupted_mid[last])?,
+                at_last(&act(site, last)?.get(source_row)?)?,
+                at_last(&target_stream[last])?,
+                at_last(&target_mid[last])?,
             )?);
         }
         let mut logits = logits_rows(&t.final_logits(&Tensor::cat(&finals, 0)?)?)?.into_iter();
         let (Some(clean_logits), Some(corrupted_logits)) = (logits.next(), logits.next()) else {
             return Err(Error::Internal("the baselines did not return two rows".into()));
         };
-        let last_layer_logits = logits.next().map(|patched| (patched, corrupted_logits.clone()));
+        let target_logits = if target_row == 0 {
+            clean_logits.clone()
+        } else {
+            corrupted_logits.clone()
+        };
+        let last_layer_logits = logits.next().map(|patched| (patched, target_logits.clone()));
 
         let (correct, incorrect) = (request.correct.token_id, request.incorrect.token_id);
+        let basis = MetricBasis::new(&clean_logits, &corrupted_logits, correct, incorrect);
         let baseline = |logits: &[f32]| Baseline {
             logit_diff: logit_diff(logits, correct, incorrect),
             answer_logits: [logits[correct as usize], logits[incorrect as usize]],
             top_k: top_tokens(model, logits, top_k),
+            metrics: basis.measure(logits),
         };
         let result = SweepResult::new(
             ModelRecord::of(model),
             request,
             [baseline(&clean_logits), baseline(&corrupted_logits)],
-            layers,
+            layout,
             Some(model.load_seconds),
         );
         Ok(Self {
             model,
             result,
-            clean_acts,
-            corrupted_stream,
-            corrupted_mid,
-            corrupted_kv,
+            layout,
+            source,
+            source_stream,
+            target_stream,
+            target_mid,
+            target_kv,
             first_diff,
             last_layer_logits,
+            target_logits,
+            basis,
             baseline_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -293,18 +340,18 @@ impl<'m> Sweep<'m> {
         observe: &mut dyn FnMut(SweepEvent<'_>),
     ) -> Result<SweepResult> {
         let start = Instant::now();
-        let (layers, seq) = (self.result.layers(), self.result.positions());
-        // Positions before the first difference: the clean and corrupted activations are identical
-        // there (causal attention), so patching changes nothing.
         let skip_noops = options.schedule == Schedule::Fast || options.skip_noops;
-        let first_run = if skip_noops { self.first_diff.min(seq) } else { 0 };
-        self.emit_noops(first_run, observe);
-        let mut cells: Vec<CellAt> = (0..layers)
-            .flat_map(|l| (first_run..seq).map(move |p| (l, p)))
-            .collect();
-        if options.schedule == Schedule::Fast && self.emit_last_layer(first_run, options.top_k, observe) {
-            cells.retain(|&(l, _)| l != layers - 1);
+        let (noops, mut cells): (Vec<CellAt>, Vec<CellAt>) =
+            self.layout.cells().partition(|&at| skip_noops && self.is_noop(at));
+        self.emit_noops(&noops, observe);
+        let last = self.layout.layers - 1;
+        if options.schedule == Schedule::Fast && self.emit_last_layer(options.top_k, observe) {
+            cells.retain(|at| at.layer != last);
         }
+        let naive_setup = match options.schedule {
+            Schedule::Naive if self.layout.component.has_heads() => self.cache_source_heads(),
+            _ => Ok(()),
+        };
         let blocks: Vec<Vec<CellAt>> = match options.schedule {
             Schedule::Fast => self.fast_blocks(cells),
             Schedule::Naive => cells
@@ -314,13 +361,36 @@ impl<'m> Sweep<'m> {
         };
         // The patched residual stream the fast schedule's cones start from.
         let starts = match options.schedule {
-            Schedule::Fast if !blocks.is_empty() => self.cone_starts(),
+            Schedule::Fast if !blocks.is_empty() && !self.layout.component.has_heads() => self.cone_starts(),
             _ => Ok(Vec::new()),
         };
-        let run = match starts {
-            Ok(starts) => run_blocks(blocks, cancel, &mut |block| {
-                self.run_block(block, options, &starts, cancel, observe)
-            }),
+        let heads = RefCell::new(HeadPatcher::new(
+            &self.model.transformer,
+            self.layout.component,
+            &self.source_stream,
+            &self.target_stream,
+            &self.target_mid,
+            self.first_diff,
+        ));
+        let run = match starts.and_then(|s| naive_setup.map(|()| s)) {
+            Ok(starts) => {
+                let (mut computed, mut timings) = (Vec::new(), Vec::new());
+                let run = run_blocks(blocks, cancel, &mut |block| {
+                    let (cells, timing) = self.run_block(block, options, &starts, &heads, cancel, observe)?;
+                    for cell in cells {
+                        observe(SweepEvent::Cell(&cell));
+                        computed.push(cell);
+                    }
+                    timings.push(timing);
+                    Ok(())
+                });
+                drop(heads);
+                for cell in computed {
+                    self.file(cell);
+                }
+                self.result.timing.forwards.extend(timings);
+                run
+            }
             Err(e) => BlockRun {
                 cancelled: false,
                 error: Some(e),
@@ -341,44 +411,47 @@ impl<'m> Sweep<'m> {
         Ok(self.result)
     }
 
-    /// The no-op cells of every layer at positions `..first_run`: the corrupted run's own numbers.
-    fn emit_noops(&mut self, first_run: usize, observe: &mut dyn FnMut(SweepEvent<'_>)) {
-        let (clean_ld, corrupted_ld) = (self.result.clean_logit_diff, self.result.corrupted_logit_diff);
-        let corrupted_top = self.result.corrupted_top_k.clone();
-        for layer in 0..self.result.layers() {
-            for position in 0..first_run {
-                let cell = Cell {
-                    layer,
-                    position,
-                    patched_logit_diff: corrupted_ld,
-                    value: normalized(corrupted_ld, clean_ld, corrupted_ld),
-                    skipped: true,
-                    top_k: corrupted_top.clone(),
-                    answer_logits: self.result.corrupted_answer_logits,
-                };
-                self.emit(cell, observe);
-            }
-        }
+    /// Whether patching `at` cannot change anything: a position before the first difference,
+    /// where the clean and corrupted activations are identical (causal attention), or any cell of
+    /// prompts that do not differ.
+    pub(super) fn is_noop(&self, at: CellAt) -> bool {
+        self.first_diff >= self.layout.positions || at.position.is_some_and(|p| p < self.first_diff)
     }
 
-    /// The last layer's cells at positions `first_run..`, computed with the baselines: one cell for
-    /// the patch at the last position, the corrupted run's logits (one top-k, shared) for the
-    /// others. Returns whether they were there to emit.
-    fn emit_last_layer(&mut self, first_run: usize, top_k: usize, observe: &mut dyn FnMut(SweepEvent<'_>)) -> bool {
-        let Some((patched, corrupted)) = self.last_layer_logits.take() else {
+    /// The no-op cells: the target run's own numbers.
+    fn emit_noops(&mut self, noops: &[CellAt], observe: &mut dyn FnMut(SweepEvent<'_>)) {
+        let logits = std::mem::take(&mut self.target_logits);
+        let template = self.cell_of(CellAt::at(0, 0), &logits, self.result_top_k_len());
+        for &at in noops {
+            let cell = Cell {
+                at,
+                skipped: true,
+                ..template.clone()
+            };
+            self.emit(cell, observe);
+        }
+        self.target_logits = logits;
+    }
+
+    /// How many candidates the baselines kept (the no-op cells keep as many).
+    fn result_top_k_len(&self) -> usize {
+        self.result.clean_top_k.len()
+    }
+
+    /// The last layer's cells computed with the baselines: one cell for the patch at the last
+    /// position, the target run's logits (one top-k, shared) for the others. Returns whether they
+    /// were there to emit.
+    fn emit_last_layer(&mut self, top_k: usize, observe: &mut dyn FnMut(SweepEvent<'_>)) -> bool {
+        let Some((patched, target)) = self.last_layer_logits.take() else {
             return false;
         };
-        let (last, seq) = (self.result.layers() - 1, self.result.positions());
-        let mut made = self
-            .block_cells(&[(last, seq - 1), (last, first_run)], vec![patched, corrupted], top_k)
-            .into_iter();
-        let (Some(at_last), Some(earlier)) = (made.next(), made.next()) else {
-            return false;
-        };
-        for position in first_run..seq - 1 {
+        let (last, seq) = (self.layout.layers - 1, self.layout.positions);
+        let at_last = self.cell_of(CellAt::at(last, seq - 1), &patched, top_k);
+        let earlier = self.cell_of(CellAt::at(last, 0), &target, top_k);
+        for position in self.first_diff..seq - 1 {
             self.emit(
                 Cell {
-                    position,
+                    at: CellAt::at(last, position),
                     ..earlier.clone()
                 },
                 observe,
@@ -388,50 +461,54 @@ impl<'m> Sweep<'m> {
         true
     }
 
-    /// Computes one block of cells (one packed forward, or a naive batch), delivers them and
-    /// records the forward's timing; the work it did is reported as it goes.
+    /// Computes one block of cells (one packed forward, or a naive batch) and records the
+    /// forward's timing; the work it did is reported as it goes. Returns the cells, for the caller
+    /// to deliver, and the forward's timing.
     fn run_block(
-        &mut self,
+        &self,
         block: &[CellAt],
         options: &SweepOptions,
         starts: &[Tensor],
+        heads: &RefCell<HeadPatcher>,
         cancel: &AtomicBool,
         observe: &mut dyn FnMut(SweepEvent<'_>),
-    ) -> Result<()> {
+    ) -> Result<(Vec<Cell>, ForwardTiming)> {
         let forward_start = Instant::now();
         let logits = match options.schedule {
-            Schedule::Fast => reporting_attempt(observe, |on_layer| self.fast_block(block, starts, cancel, on_layer))?,
+            Schedule::Fast => reporting_attempt(observe, |on_layer| {
+                self.fast_block(block, starts, heads, cancel, on_layer)
+            })?,
             Schedule::Naive => self.naive_batch(block)?,
         };
         let cells_start = Instant::now();
-        for cell in self.block_cells(block, logits, options.top_k) {
-            self.emit(cell, observe);
-        }
-        let token_layers = block
-            .iter()
-            .map(|&(l, p)| self.token_layers(options.schedule, l, p))
-            .sum();
+        let cells = self.block_cells(block, logits, options.top_k);
+        let token_layers = block.iter().map(|&at| self.token_layers(options.schedule, at)).sum();
         // The rest of the cells' predicted cost: their unembeddings, and for the naive schedule
         // (which reports no layers) the whole forward.
-        let cost: usize = block.iter().map(|&(l, p)| self.cell_cost(options.schedule, l, p)).sum();
+        let cost: usize = block.iter().map(|&at| self.cell_cost(options.schedule, at)).sum();
         let reported = if options.schedule == Schedule::Fast {
             token_layers
         } else {
             0
         };
         observe(SweepEvent::Work(cost.saturating_sub(reported) as f64));
-        self.result.timing.forwards.push(ForwardTiming {
+        let timing = ForwardTiming {
             cells: block.len(),
             token_layers,
             forward_seconds: (cells_start - forward_start).as_secs_f64(),
             cells_seconds: cells_start.elapsed().as_secs_f64(),
-        });
-        Ok(())
+        };
+        Ok((cells, timing))
     }
 
     /// Reports a finished cell and files it in the result.
     fn emit(&mut self, cell: Cell, observe: &mut dyn FnMut(SweepEvent<'_>)) {
         observe(SweepEvent::Cell(&cell));
+        self.file(cell);
+    }
+
+    /// Files a finished cell in the result.
+    fn file(&mut self, cell: Cell) {
         if cell.skipped {
             self.result.timing.cells_skipped += 1;
         } else {
@@ -440,33 +517,34 @@ impl<'m> Sweep<'m> {
         self.result.insert(cell);
     }
 
-    /// The finished cells of one block from its logits rows, in block order. Spread over the cores:
-    /// a softmax and top-k over a large vocabulary per cell is not free.
-    fn block_cells(&self, block: &[CellAt], logits: Vec<Vec<f32>>, top_k: usize) -> Vec<Cell> {
-        let (clean_ld, corrupted_ld) = (self.result.clean_logit_diff, self.result.corrupted_logit_diff);
+    /// A computed cell from its patched run's logits.
+    fn cell_of(&self, at: CellAt, row: &[f32], top_k: usize) -> Cell {
         let (correct, incorrect) = (self.result.correct.token_id, self.result.incorrect.token_id);
-        let model = self.model;
-        let cell = |&(layer, position): &CellAt, row: &Vec<f32>| {
-            let patched = logit_diff(row, correct, incorrect);
-            Cell {
-                layer,
-                position,
-                patched_logit_diff: patched,
-                value: normalized(patched, clean_ld, corrupted_ld),
-                skipped: false,
-                top_k: top_tokens(model, row, top_k),
-                answer_logits: [row[correct as usize], row[incorrect as usize]],
-            }
-        };
+        Cell {
+            at,
+            metrics: self.basis.measure(row),
+            skipped: false,
+            top_k: top_tokens(self.model, row, top_k),
+            answer_logits: [row[correct as usize], row[incorrect as usize]],
+        }
+    }
+
+    /// The finished cells of one block from its logits rows, in block order. Spread over the cores:
+    /// the metrics, softmax and top-k over a large vocabulary per cell are not free.
+    fn block_cells(&self, block: &[CellAt], logits: Vec<Vec<f32>>, top_k: usize) -> Vec<Cell> {
         if block.len() <= 1 {
-            return block.iter().zip(&logits).map(|(c, r)| cell(c, r)).collect();
+            return block
+                .iter()
+                .zip(&logits)
+                .map(|(&at, r)| self.cell_of(at, r, top_k))
+                .collect();
         }
         // On rayon's pool, which the CPU kernels already keep: no threads started per block.
         use rayon::prelude::*;
         block
             .par_iter()
             .zip(logits.par_iter())
-            .map(|(c, r)| cell(c, r))
+            .map(|(&at, r)| self.cell_of(at, r, top_k))
             .collect()
     }
 
@@ -474,33 +552,52 @@ impl<'m> Sweep<'m> {
     fn fast_blocks(&self, cells: Vec<CellAt>) -> Vec<Vec<CellAt>> {
         let t = &self.model.transformer;
         let tensor_attention = !(t.device().is_cpu() && t.dtype() == DType::F32);
-        let cost = |&(l, p): &CellAt| self.cell_cost(Schedule::Fast, l, p);
+        let cost = |&at: &CellAt| self.cell_cost(Schedule::Fast, at);
+        let rows = |&at: &CellAt| self.layout.positions - self.cone_offset(at);
         fast_blocks(
             cells,
             &self.model.config,
-            self.result.positions(),
+            self.layout.positions,
             tensor_attention,
             &cost,
+            &rows,
         )
     }
 
-    /// Per patched layer: the patched residual stream a cone starts from, `[seq - first_diff, hidden]`,
-    /// row i for a patch at position `first_diff + i`.
+    /// Per (block part, layer), `part * layers + layer`: the patched residual stream a cone starts
+    /// from, `[seq - first_diff, hidden]`, row i for a patch at position `first_diff + i`.
     fn cone_starts(&self) -> Result<Vec<Tensor>> {
-        let seq = self.result.positions();
+        let seq = self.layout.positions;
         let (from, len) = (self.first_diff, seq - self.first_diff);
-        (0..self.result.layers())
-            .map(|l| {
-                patched_stream(
+        let parts: Vec<Component> = match self.layout.component {
+            Component::Block => Component::BLOCK_PARTS.to_vec(),
+            c => vec![c],
+        };
+        let mut starts = Vec::with_capacity(parts.len() * self.layout.layers);
+        for component in parts {
+            let site = component.site().ok_or_else(|| Error::Internal("no site".into()))?;
+            for l in 0..self.layout.layers {
+                let source = self
+                    .source
+                    .get(&(site, l))
+                    .ok_or_else(|| Error::Internal(format!("no source {site:?} at layer {l}")))?;
+                starts.push(patched_stream(
                     self.model,
-                    self.result.component,
+                    component,
                     l,
-                    self.clean_acts[l].squeeze(0)?.narrow(0, from, len)?,
-                    self.corrupted_stream[l].narrow(0, from, len)?,
-                    self.corrupted_mid[l].narrow(0, from, len)?,
-                )
-            })
-            .collect()
+                    source.squeeze(0)?.narrow(0, from, len)?,
+                    self.target_stream[l].narrow(0, from, len)?,
+                    self.target_mid[l].narrow(0, from, len)?,
+                )?);
+            }
+        }
+        Ok(starts)
+    }
+
+    /// The first position of a cell's cone: its patched position, or for every-position head
+    /// patches the first differing token.
+    pub(super) fn cone_offset(&self, at: CellAt) -> usize {
+        at.position.unwrap_or(self.first_diff).min(self.layout.positions - 1)
     }
 
     /// The fast schedule: one packed forward of the causal cones of `block`'s cells.
@@ -508,44 +605,120 @@ impl<'m> Sweep<'m> {
         &self,
         block: &[CellAt],
         starts: &[Tensor],
+        heads: &RefCell<HeadPatcher>,
         cancel: &AtomicBool,
         on_layer: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
-        let seq = self.result.positions();
-        let cones = block
-            .iter()
-            .map(|&(layer, position)| {
-                let start_layer = self.cone_start_layer(layer);
-                let patched = starts[layer].narrow(0, position - self.first_diff, 1)?;
-                let hidden = if position + 1 < seq {
-                    let rest = self.corrupted_stream[start_layer].narrow(0, position + 1, seq - position - 1)?;
-                    Tensor::cat(&[&patched, &rest], 0)?
-                } else {
-                    patched
-                };
-                Ok(Cone {
-                    start_layer,
-                    offset: position,
-                    hidden,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let cones = if self.layout.component.has_heads() {
+            self.head_cones(block, &mut heads.borrow_mut())?
+        } else {
+            self.residual_cones(block, starts)?
+        };
         let logits = self
             .model
             .transformer
-            .forward_cones(&cones, &self.corrupted_kv, cancel, on_layer)?;
+            .forward_cones(&cones, &self.target_kv, cancel, on_layer)?;
         logits_rows(&logits)
     }
 
-    /// One full corrupted forward per cell, batched: returns last-position logits per cell.
+    /// The cones of residual-stream cells (every component but the heads'): the precomputed
+    /// patched row, then the target run's stream after it.
+    fn residual_cones(&self, block: &[CellAt], starts: &[Tensor]) -> Result<Vec<Cone>> {
+        block
+            .iter()
+            .map(|&at| {
+                let position = self.cone_offset(at);
+                let start_layer = self.cone_start_layer(at);
+                let patched =
+                    starts[at.part * self.layout.layers + at.layer].narrow(0, position - self.first_diff, 1)?;
+                Ok(Cone {
+                    start_layer,
+                    offset: position,
+                    hidden: self.with_target_tail(patched, start_layer, position + 1)?,
+                })
+            })
+            .collect()
+    }
+
+    /// `rows` followed by the target run's resid_pre of `layer` from position `from` on.
+    fn with_target_tail(&self, rows: Tensor, layer: usize, from: usize) -> Result<Tensor> {
+        let seq = self.layout.positions;
+        Ok(if from < seq {
+            let rest = self.target_stream[layer].narrow(0, from, seq - from)?;
+            Tensor::cat(&[&rows, &rest], 0)?
+        } else {
+            rows
+        })
+    }
+
+    /// The cones of head cells: each layer's patched resid_mid rows through its MLP in one pass,
+    /// then the target run's stream after them.
+    fn head_cones(&self, block: &[CellAt], heads: &mut HeadPatcher) -> Result<Vec<Cone>> {
+        let t = &self.model.transformer;
+        let mut cones = Vec::with_capacity(block.len());
+        // Block cells are in layer order: one MLP pass per run of cells of one layer.
+        for run in block.chunk_by(|a, b| a.layer == b.layer) {
+            let layer = run[0].layer;
+            let mids = run
+                .iter()
+                .map(|&at| heads.patched_mid(at))
+                .collect::<Result<Vec<_>>>()?;
+            let lens: Vec<usize> = mids.iter().map(|m| m.dim(0)).collect::<candle_core::Result<_>>()?;
+            let posts = t.mlp_residual(layer, &Tensor::cat(&mids, 0)?)?;
+            let mut row = 0;
+            for (&at, &len) in run.iter().zip(&lens) {
+                let offset = heads.offset(at);
+                let rows = posts.narrow(0, row, len)?;
+                row += len;
+                cones.push(Cone {
+                    start_layer: layer + 1,
+                    offset,
+                    hidden: self.with_target_tail(rows, layer + 1, offset + len)?,
+                });
+            }
+        }
+        Ok(cones)
+    }
+
+    /// The naive schedule's head sites need the source run's queries, keys, values, patterns and
+    /// head outputs, shaped as the forward's hooks see them.
+    fn cache_source_heads(&mut self) -> Result<()> {
+        let t = &self.model.transformer;
+        let site = self
+            .layout
+            .component
+            .site()
+            .ok_or_else(|| Error::Internal("no head site".into()))?;
+        for l in 0..self.layout.layers {
+            let acts = t.head_activations(l, &self.source_stream[l].unsqueeze(0)?)?;
+            let act = match site {
+                Site::Q => acts.q,
+                Site::K => acts.k,
+                Site::V => acts.v,
+                Site::Pattern => acts.pattern,
+                _ => {
+                    let (heads, seq, hd) = acts.z.dims3()?;
+                    acts.z.transpose(0, 1)?.contiguous()?.reshape((seq, heads * hd))?
+                }
+            };
+            self.source.insert((site, l), act.unsqueeze(0)?);
+        }
+        Ok(())
+    }
+
+    /// One full target forward per cell, batched: returns last-position logits per cell.
     fn naive_batch(&self, batch: &[CellAt]) -> Result<Vec<Vec<f32>>> {
         let t = &self.model.transformer;
-        let ids = &self.result.corrupted.token_ids;
+        let ids = match self.result.direction {
+            Direction::Denoising => &self.result.corrupted.token_ids,
+            Direction::Noising => &self.result.clean.token_ids,
+        };
         let rows: Vec<&[u32]> = batch.iter().map(|_| ids.as_slice()).collect();
-        let mut hooks = PatchRows {
-            site: self.result.component.site(),
+        let mut hooks = PatchCells {
+            layout: &self.layout,
             rows: batch,
-            clean: &self.clean_acts,
+            source: &self.source,
+            num_heads: self.model.config.num_heads,
         };
         let out = t.forward(t.embed(&rows)?, Span::default(), &mut hooks)?;
         logits_rows(&out.last_logits.to_dtype(DType::F32)?)

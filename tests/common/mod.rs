@@ -41,6 +41,8 @@ pub fn ioi_request(component: Component) -> SweepRequest {
         correct: " John".into(),
         incorrect: " Mary".into(),
         component,
+        direction: Default::default(),
+        by_position: false,
     }
 }
 
@@ -181,6 +183,8 @@ pub fn tiny_request(component: Component) -> SweepRequest {
         correct: text("correct"),
         incorrect: text("incorrect"),
         component,
+        direction: Default::default(),
+        by_position: false,
     }
 }
 
