@@ -242,7 +242,7 @@ pub fn view_picker(ui: &mut Ui, heatmap: &mut Heatmap, result: &SweepResult) -> 
         } else {
             let labels = result.position_labels();
             egui::ComboBox::from_label("position")
-                .selected_text(format!("{}", labels[heatmap.slice]))
+                .selected_text(labels[heatmap.slice].clone())
                 .show_ui(ui, |ui| {
                     for (p, label) in labels.iter().enumerate() {
                         ui.selectable_value(&mut heatmap.slice, p, label);
@@ -304,10 +304,8 @@ pub fn cell_summary(ui: &mut Ui, r: &SweepResult, view: &View, row: usize, col: 
     let at = layout.view_cell(view, row, col);
     let i = layout.index(at);
     let mut name = format!("layer {}", at.layer);
-    if view.fixed.is_some() && at.position.is_some() || view.columns == Axis::Position {
-        if let Some(p) = at.position {
-            name += &format!(", position {p}: {}", r.position_labels()[p]);
-        }
+    if let Some(p) = at.position {
+        name += &format!(", position {p}: {}", r.position_labels()[p]);
     }
     if let Some(h) = at.head {
         name += &format!(", {}", r.head_labels()[h]);

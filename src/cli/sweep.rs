@@ -451,9 +451,9 @@ pub fn text_heatmap(r: &SweepResult, metric: Metric) -> String {
         }
         let labels = r.column_labels(&view);
         s.push_str("layer ");
-        for c in 0..view.cols {
+        for (c, label) in labels.iter().enumerate().take(view.cols) {
             let name = match view.columns {
-                Axis::Head => labels[c].clone(),
+                Axis::Head => label.clone(),
                 _ => c.to_string(),
             };
             s.push_str(&format!("{name:>width$}"));

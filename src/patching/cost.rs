@@ -36,7 +36,7 @@ impl Sweep<'_> {
         let last = self.layout.layers - 1;
         self.layout
             .cells()
-            .filter(move |&at| !(skip_noops && self.is_noop(at)) && !(with_baselines && at.layer == last))
+            .filter(move |&at| !(skip_noops && self.is_noop(at) || with_baselines && at.layer == last))
     }
 
     /// A [`Progress`] for running this sweep with `options`: the predicted cost of every cell it
