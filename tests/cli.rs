@@ -53,8 +53,15 @@ fn cli_errors_stay_one_line_with_rust_backtrace_set() {
 /// argument parser, listing the valid values, before any model is loaded.
 #[test]
 fn cli_refuses_unknown_choices_listing_the_valid_ones() {
-    let cases: [(&[&str], &str); 5] = [
-        (&["--component", "resid"], "resid_post, resid_pre, attn_out, mlp_out"),
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--component", "resid"],
+            "resid_post, resid_pre, resid_mid, attn_out, mlp_out, block, head_out",
+        ),
+        (
+            &["--metric", "accuracy"],
+            "logit_diff, normalized, logprob, prob, kl, rank",
+        ),
         (&["--schedule", "quick"], "fast, naive"),
         (&["--dtype", "f64"], "auto, f32, bf16, f16"),
         (&["--device", "tpu"], "use cpu, cuda or cuda:N"),
@@ -199,10 +206,7 @@ fn cli_sweep_writes_json_csv_npy_and_refuses_multi_token_answers() {
     );
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.starts_with("<svg") || svg_text.contains("<svg"), "SVG");
-    assert!(
-        svg_text.contains("mlp_out patching, normalized logit difference"),
-        "title in SVG"
-    );
+    assert!(svg_text.contains("mlp_out (denoising), normalized"), "title in SVG");
     assert!(svg_text.contains("bottle_12"), "token tick labels in SVG");
     assert!(stdout.contains("mlp_out patching"), "{stdout}");
     assert!(stderr.contains("cells"), "progress bar on stderr: {stderr}");

@@ -107,6 +107,9 @@ pub struct Overrides {
     pub correct: Option<String>,
     pub incorrect: Option<String>,
     pub component: Option<Component>,
+    pub by_position: Option<bool>,
+    pub direction: Option<Direction>,
+    pub metric: Option<Metric>,
     pub device: Option<DeviceChoice>,
     pub dtype: Option<DtypeChoice>,
 }
@@ -128,6 +131,16 @@ impl Overrides {
         }
         if let Some(c) = self.component {
             settings.component = c;
+            settings.by_position = false;
+        }
+        if let Some(b) = self.by_position {
+            settings.by_position = b;
+        }
+        if let Some(d) = self.direction {
+            settings.direction = d;
+        }
+        if let Some(m) = self.metric {
+            settings.metric = m;
         }
         if let Some(d) = self.device {
             settings.device = d;

@@ -6,7 +6,7 @@ use clap::Args;
 
 use patchbay::app::{Overrides, PatchbayApp, StartOptions};
 use patchbay::model::{DeviceChoice, DtypeChoice};
-use patchbay::patching::Component;
+use patchbay::patching::{Component, Direction, Metric};
 use patchbay::{Error, Result};
 
 /// `patchbay gui`.
@@ -36,6 +36,15 @@ pub struct GuiArgs {
     /// The activation to patch.
     #[arg(long, value_enum)]
     pub component: Option<Component>,
+    /// Head components: one cell per (layer, position, head).
+    #[arg(long)]
+    pub by_position: bool,
+    /// denoising or noising.
+    #[arg(long, value_enum)]
+    pub direction: Option<Direction>,
+    /// The metric the heatmap shows.
+    #[arg(long, value_enum)]
+    pub metric: Option<Metric>,
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<DeviceChoice>,
@@ -57,6 +66,9 @@ pub fn run(args: GuiArgs) -> Result<()> {
             correct: args.correct,
             incorrect: args.incorrect,
             component: args.component,
+            by_position: args.by_position.then_some(true),
+            direction: args.direction,
+            metric: args.metric,
             device: args.device,
             dtype: args.dtype,
         },

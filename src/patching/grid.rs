@@ -143,7 +143,7 @@ mod tests {
         g.set(7, Some(1.5));
         g[1][5] = Some(-2.0);
         let json = serde_json::to_value(&g).unwrap();
-        assert_eq!(json[0][3][1], 1.5, "index 7 = [0][3][1]");
+        assert_eq!(json[1][0][1], 1.5, "index 7 = [1][0][1]");
         assert_eq!(json[1][2][1], -2.0);
         assert!(json[1][0][0].is_null());
         let back: Grid<Option<f64>> = serde_json::from_value(Grid::wire(json, &[2, 3, 2]).unwrap()).unwrap();
