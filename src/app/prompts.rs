@@ -252,7 +252,8 @@ impl PatchbayApp {
     /// The cells the current prompts' sweep computes: layers × positions from the first one where
     /// the prompts' tokens differ (earlier ones are free no-ops). None until both tokenize alike.
     pub fn cells_to_compute(&self) -> Option<usize> {
-        let layers = self.model.as_ref()?.config.num_layers;
+        let cfg = &self.model.as_ref()?.config;
+        let layers = cfg.num_layers;
         let (clean, corrupted) = (&self.clean_tokens.ids, &self.corrupted_tokens.ids);
         if clean.is_empty() || clean.len() != corrupted.len() {
             return None;
@@ -262,7 +263,19 @@ impl PatchbayApp {
             .zip(corrupted)
             .position(|(a, b)| a != b)
             .unwrap_or(clean.len());
-        Some(layers * (clean.len() - first_diff))
+        let seq = clean.len();
+        let component = self.settings.component;
+        let heads = if component.per_kv_head() {
+            cfg.num_kv_heads
+        } else {
+            cfg.num_heads
+        };
+        Some(match component {
+            Component::Block => 3 * layers * (seq - first_diff),
+            c if c.has_heads() && self.settings.by_position => layers * heads * (seq - first_diff),
+            c if c.has_heads() => layers * heads * usize::from(first_diff < seq),
+            _ => layers * (seq - first_diff),
+        })
     }
 
     /// Run, as the button does: at once, or after a confirmation when the sweep is large.

@@ -13,7 +13,7 @@ impl PatchbayApp {
                 return;
             };
             let r = &view.result;
-            let total = r.layers() * r.positions();
+            let total = r.layout().len();
             let done = r.done_cells();
             let secs = view.elapsed.unwrap_or_else(|| view.started.elapsed().as_secs_f64());
             // The bar and the ETA follow the work, not the cell count (see `Progress`).
