@@ -285,12 +285,7 @@ impl PatchbayApp {
                     self.selected = None;
                     // A by-position head sweep opens at the last position (where name movers act).
                     if let Some(s) = &self.sweep {
-                        let layout = s.result.layout();
-                        self.heatmap.slice = if layout.view_count() == layout.positions {
-                            layout.positions.saturating_sub(1)
-                        } else {
-                            0
-                        };
+                        self.heatmap.slice = s.result.layout().default_view();
                     }
                     self.heatmap.mark_dirty();
                     self.heatmap.reset_view();

@@ -8,7 +8,7 @@ use egui::{Color32, RichText, Ui};
 use super::presets::presets;
 use super::{DIFF_FILL, ERROR_TEXT, OK_TEXT, PatchbayApp};
 use crate::model::TextTokenizer;
-use crate::patching::{Component, Direction, Metric};
+use crate::patching::{Component, Direction, Layout, Metric};
 
 /// A prompt editor grows to this height, then scrolls.
 const EDITOR_MAX_HEIGHT: f32 = 96.0;
@@ -253,7 +253,6 @@ impl PatchbayApp {
     /// the prompts' tokens differ (earlier ones are free no-ops). None until both tokenize alike.
     pub fn cells_to_compute(&self) -> Option<usize> {
         let cfg = &self.model.as_ref()?.config;
-        let layers = cfg.num_layers;
         let (clean, corrupted) = (&self.clean_tokens.ids, &self.corrupted_tokens.ids);
         if clean.is_empty() || clean.len() != corrupted.len() {
             return None;
@@ -263,19 +262,9 @@ impl PatchbayApp {
             .zip(corrupted)
             .position(|(a, b)| a != b)
             .unwrap_or(clean.len());
-        let seq = clean.len();
         let component = self.settings.component;
-        let heads = if component.per_kv_head() {
-            cfg.num_kv_heads
-        } else {
-            cfg.num_heads
-        };
-        Some(match component {
-            Component::Block => 3 * layers * (seq - first_diff),
-            c if c.has_heads() && self.settings.by_position => layers * heads * (seq - first_diff),
-            c if c.has_heads() => layers * heads * usize::from(first_diff < seq),
-            _ => layers * (seq - first_diff),
-        })
+        let by_position = self.settings.by_position && component.has_heads();
+        Some(Layout::for_model(component, by_position, cfg, clean.len()).cells_to_compute(first_diff))
     }
 
     /// Run, as the button does: at once, or after a confirmation when the sweep is large.

@@ -2,8 +2,8 @@
 //! sweep's, and an estimate of its time told before it runs.
 
 use super::Component;
+use super::layout::CellAt;
 use super::progress::Progress;
-use super::result::CellAt;
 use super::schedule::Schedule;
 use super::sweep::{Sweep, SweepOptions};
 
@@ -55,11 +55,15 @@ impl Sweep<'_> {
     pub fn estimate(&self, options: &SweepOptions) -> Estimate {
         let (layers, seq) = (self.layout.layers, self.layout.positions);
         let skip_noops = options.schedule == Schedule::Fast || options.skip_noops;
-        let noops = self.layout.cells().filter(|&at| skip_noops && self.is_noop(at)).count();
+        let cells = if skip_noops {
+            self.layout.cells_to_compute(self.first_diff)
+        } else {
+            self.layout.len()
+        };
         let baseline_work = (layers * (self.first_diff + 2 * (seq - self.first_diff))) as f64;
         let rate = baseline_work / self.baseline_seconds.max(1e-6);
         Estimate {
-            cells: self.layout.len() - noops,
+            cells,
             seconds: self.progress(options).total() / rate,
         }
     }

@@ -47,25 +47,23 @@ impl<T> Grid<T> {
     }
 }
 
-impl Grid<()> {
-    /// A nested JSON array of `shape` as the flat form [`Grid`] deserializes from.
-    pub(crate) fn wire(nested: serde_json::Value, shape: &[usize]) -> serde_json::Result<serde_json::Value> {
-        fn flatten(v: serde_json::Value, depth: usize, out: &mut Vec<serde_json::Value>) -> serde_json::Result<()> {
-            if depth == 0 {
-                out.push(v);
-                return Ok(());
-            }
-            match v {
-                serde_json::Value::Array(items) => items.into_iter().try_for_each(|i| flatten(i, depth - 1, out)),
-                _ => Err(serde_json::Error::custom(
-                    "a per-cell array is not nested as deep as `shape`",
-                )),
-            }
+/// A nested JSON array of `shape` as the flat form [`Grid`] deserializes from.
+pub(crate) fn wire(nested: serde_json::Value, shape: &[usize]) -> serde_json::Result<serde_json::Value> {
+    fn flatten(v: serde_json::Value, depth: usize, out: &mut Vec<serde_json::Value>) -> serde_json::Result<()> {
+        if depth == 0 {
+            out.push(v);
+            return Ok(());
         }
-        let mut data = Vec::new();
-        flatten(nested, shape.len(), &mut data)?;
-        Ok(serde_json::json!({ "shape": shape, "data": data }))
+        match v {
+            serde_json::Value::Array(items) => items.into_iter().try_for_each(|i| flatten(i, depth - 1, out)),
+            _ => Err(serde_json::Error::custom(
+                "a per-cell array is not nested as deep as `shape`",
+            )),
+        }
     }
+    let mut data = Vec::new();
+    flatten(nested, shape.len(), &mut data)?;
+    Ok(serde_json::json!({ "shape": shape, "data": data }))
 }
 
 /// Row `i` along the first axis: `values[layer][position]` reads as it did when grids were nested.
@@ -109,7 +107,7 @@ impl<T: Serialize> Serialize for Grid<T> {
     }
 }
 
-/// From `{"shape": [...], "data": [...]}` ([`Grid::wire`] makes it from the nested form).
+/// From `{"shape": [...], "data": [...]}` ([`wire`] makes it from the nested form).
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Grid<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -146,11 +144,11 @@ mod tests {
         assert_eq!(json[1][0][1], 1.5, "index 7 = [1][0][1]");
         assert_eq!(json[1][2][1], -2.0);
         assert!(json[1][0][0].is_null());
-        let back: Grid<Option<f64>> = serde_json::from_value(Grid::wire(json, &[2, 3, 2]).unwrap()).unwrap();
+        let back: Grid<Option<f64>> = serde_json::from_value(wire(json, &[2, 3, 2]).unwrap()).unwrap();
         assert_eq!(back, g);
         // Nested less deeply than the shape says: refused, not misread.
         let flat = serde_json::json!([1.0, 2.0]);
-        assert!(Grid::wire(flat, &[1, 2, 1]).is_err());
+        assert!(wire(flat, &[1, 2, 1]).is_err());
         let wrong = serde_json::json!({"shape": [2, 2], "data": [1.0]});
         assert!(serde_json::from_value::<Grid<f64>>(wrong).is_err());
     }

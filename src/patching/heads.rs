@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor};
 
 use super::Component;
-use super::result::CellAt;
+use super::layout::CellAt;
 use crate::error::{Error, Result};
 use crate::model::{HeadActivations, Transformer};
 
@@ -20,6 +20,8 @@ struct LayerHeads {
     target: HeadActivations,
     /// o_proj split by head, `[heads, head_dim, hidden]`.
     w_o: Tensor,
+    /// The causal mask of the prompts' length, `[seq, seq]`.
+    mask: Tensor,
     /// head_out, head_q, head_pattern: the change in the attention output when head h's component
     /// is patched at every position, `[heads, seq, hidden]`; a by-position cell takes one row.
     delta: Option<Tensor>,
@@ -46,11 +48,11 @@ fn causal(seq: usize, t: &Transformer) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, (seq, seq), t.device())?.to_dtype(t.dtype())?)
 }
 
-/// Causal attention of `q` (`[n, seq, hd]`) over `k`, `v` (`[n, seq, hd]`, one per query head).
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, t: &Transformer) -> Result<Tensor> {
-    let seq = q.dim(1)?;
+/// Causal attention of `q` (`[n, seq, hd]`) over `k`, `v` (`[n, seq, hd]`, one per query head);
+/// `mask` is [`causal`]'s.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, t: &Transformer) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(2)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&causal(seq, t)?)?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(t.dtype())?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
@@ -106,12 +108,14 @@ impl<'a> HeadPatcher<'a> {
             let target = t.head_activations(layer, &self.target_pre[layer].unsqueeze(0)?)?;
             let w_o = t.o_proj_by_head(layer)?;
             let heads = t.config().num_heads;
+            let mask = causal(source.q.dim(1)?, t)?;
             let patched_z = match self.component {
                 Component::HeadOut => Some(source.z.clone()),
                 Component::HeadQ => Some(attend(
                     &source.q,
                     &per_query_head(&target.k, heads)?,
                     &per_query_head(&target.v, heads)?,
+                    &mask,
                     t,
                 )?),
                 Component::HeadPattern => Some(
@@ -127,6 +131,7 @@ impl<'a> HeadPatcher<'a> {
                 source,
                 target,
                 w_o,
+                mask,
                 delta,
             });
         }
@@ -173,7 +178,7 @@ impl<'a> HeadPatcher<'a> {
             let hd = k.dim(1)?;
             let expand = |x: &Tensor| x.unsqueeze(0)?.broadcast_as((rep, seq, hd));
             let q = data.target.q.narrow(0, head * rep, rep)?;
-            let z = attend(&q, &expand(&k)?, &expand(&v)?, t)?;
+            let z = attend(&q, &expand(&k)?, &expand(&v)?, &data.mask, t)?;
             let dz = (z - data.target.z.narrow(0, head * rep, rep)?)?;
             through_o_proj(&dz, &data.w_o.narrow(0, head * rep, rep)?.contiguous()?)?
                 .sum(0)?

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::result::{CellAt, Layout};
+use super::layout::{CellAt, Layout};
 use crate::error::{Error, Result};
 use crate::model::{Hooks, Site};
 

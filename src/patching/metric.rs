@@ -75,18 +75,6 @@ impl Metric {
     pub fn index(self) -> usize {
         self as usize
     }
-
-    /// Whether its colour scale diverges around a midpoint (differences), rather than running one
-    /// way from a floor (probabilities, divergences, ranks).
-    pub fn diverging(self) -> bool {
-        matches!(self, Metric::LogitDiff | Metric::Normalized)
-    }
-
-    /// Whether a larger value means more clean behaviour (the colour scale's dark end then marks
-    /// the component that matters in a denoising sweep).
-    pub fn higher_is_clean(self) -> bool {
-        !matches!(self, Metric::Kl | Metric::Rank)
-    }
 }
 
 impl std::fmt::Display for Metric {

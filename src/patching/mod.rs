@@ -2,9 +2,11 @@
 //! positions (× heads), results.
 
 pub mod cost;
+mod forwards;
 pub mod grid;
 mod heads;
 mod hooks;
+pub mod layout;
 pub mod logits;
 pub mod metric;
 pub mod progress;
@@ -14,10 +16,11 @@ pub mod schedule;
 pub mod sweep;
 
 pub use cost::Estimate;
+pub use layout::{Axis, CellAt, Layout, View};
 pub use metric::Metric;
 pub use progress::{Progress, SweepEvent};
 pub use request::{SweepRequest, TokenSweepRequest, ValidRequest};
-pub use result::{Axis, Cell, CellAt, Layout, SweepResult, TopToken, View};
+pub use result::{Cell, SweepResult, TopToken};
 pub use schedule::Schedule;
 pub use sweep::{Sweep, SweepOptions};
 

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::grid::Grid;
+use super::grid::{self, Grid};
+use super::layout::{Axis, CellAt, Layout, View};
 use super::metric::{Metric, Metrics, normalized};
 use super::request::ValidRequest;
 use super::schedule::Schedule;
@@ -213,205 +214,6 @@ fn default_axes() -> Vec<Axis> {
     vec![Axis::Layer, Axis::Position]
 }
 
-/// An axis of a sweep's grid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Axis {
-    /// Which of a block sweep's components.
-    Component,
-    Layer,
-    Position,
-    /// Query head, or key/value head for head_k and head_v.
-    Head,
-}
-
-/// Where a cell sits in a sweep: what is patched to compute it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CellAt {
-    /// The layer patched.
-    pub layer: usize,
-    /// The position patched; `None` for every position at once (head sweeps without
-    /// `by_position`).
-    pub position: Option<usize>,
-    /// The head patched (a key/value head for head_k and head_v); `None` for components without heads.
-    pub head: Option<usize>,
-    /// Block sweeps: the index in [`Component::BLOCK_PARTS`]; 0 otherwise.
-    pub part: usize,
-}
-
-impl CellAt {
-    /// A (layer, position) cell of a component without heads.
-    pub fn at(layer: usize, position: usize) -> Self {
-        Self {
-            layer,
-            position: Some(position),
-            head: None,
-            part: 0,
-        }
-    }
-}
-
-/// The cells of a sweep and where each sits in its grid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Layout {
-    pub component: Component,
-    pub by_position: bool,
-    pub layers: usize,
-    pub positions: usize,
-    /// Heads per layer along the head axis (key/value heads for head_k and head_v); 0 without heads.
-    pub heads: usize,
-}
-
-impl Layout {
-    /// The grid's axes.
-    pub fn axes(&self) -> Vec<Axis> {
-        if self.component == Component::Block {
-            vec![Axis::Component, Axis::Layer, Axis::Position]
-        } else if !self.component.has_heads() {
-            vec![Axis::Layer, Axis::Position]
-        } else if self.by_position {
-            vec![Axis::Layer, Axis::Position, Axis::Head]
-        } else {
-            vec![Axis::Layer, Axis::Head]
-        }
-    }
-
-    /// The length of `axis`.
-    pub fn len_of(&self, axis: Axis) -> usize {
-        match axis {
-            Axis::Component => Component::BLOCK_PARTS.len(),
-            Axis::Layer => self.layers,
-            Axis::Position => self.positions,
-            Axis::Head => self.heads,
-        }
-    }
-
-    /// The grid's shape, one number per axis.
-    pub fn shape(&self) -> Vec<usize> {
-        self.axes().into_iter().map(|a| self.len_of(a)).collect()
-    }
-
-    /// Number of cells.
-    pub fn len(&self) -> usize {
-        self.shape().iter().product()
-    }
-
-    /// Whether the grid has no cells.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The flat (row-major) index of a cell.
-    pub fn index(&self, at: CellAt) -> usize {
-        let (p, h) = (at.position.unwrap_or(0), at.head.unwrap_or(0));
-        match self.axes().as_slice() {
-            [Axis::Component, ..] => (at.part * self.layers + at.layer) * self.positions + p,
-            [Axis::Layer, Axis::Position, Axis::Head] => (at.layer * self.positions + p) * self.heads + h,
-            [Axis::Layer, Axis::Head] => at.layer * self.heads + h,
-            _ => at.layer * self.positions + p,
-        }
-    }
-
-    /// The cell at a flat index.
-    pub fn at(&self, index: usize) -> CellAt {
-        let (layers, positions, heads) = (self.layers.max(1), self.positions.max(1), self.heads.max(1));
-        match self.axes().as_slice() {
-            [Axis::Component, ..] => CellAt {
-                part: index / (layers * positions),
-                ..CellAt::at(index / positions % layers, index % positions)
-            },
-            [Axis::Layer, Axis::Position, Axis::Head] => CellAt {
-                layer: index / (positions * heads),
-                position: Some(index / heads % positions),
-                head: Some(index % heads),
-                part: 0,
-            },
-            [Axis::Layer, Axis::Head] => CellAt {
-                layer: index / heads,
-                position: None,
-                head: Some(index % heads),
-                part: 0,
-            },
-            _ => CellAt::at(index / positions, index % positions),
-        }
-    }
-
-    /// Every cell, in grid order.
-    pub fn cells(&self) -> impl Iterator<Item = CellAt> + '_ {
-        (0..self.len()).map(|i| self.at(i))
-    }
-
-    /// The component a cell patches: its block part for block sweeps, the sweep's otherwise.
-    pub fn component_of(&self, at: CellAt) -> Component {
-        if self.component == Component::Block {
-            Component::BLOCK_PARTS[at.part]
-        } else {
-            self.component
-        }
-    }
-
-    /// The 2-D views a heatmap shows: one per component of a block sweep, one per position of a
-    /// by-position head sweep, else a single one.
-    pub fn view_count(&self) -> usize {
-        match self.axes().as_slice() {
-            [Axis::Component, ..] => Component::BLOCK_PARTS.len(),
-            [Axis::Layer, Axis::Position, Axis::Head] => self.positions,
-            _ => 1,
-        }
-    }
-
-    /// View `slice` (see [`Layout::view_count`]): layers down, positions or heads across.
-    pub fn view(&self, slice: usize) -> View {
-        let axes = self.axes();
-        let columns = *axes.last().unwrap_or(&Axis::Position);
-        let fixed = match axes.as_slice() {
-            [Axis::Component, ..] => Some((Axis::Component, slice.min(2))),
-            [Axis::Layer, Axis::Position, Axis::Head] => {
-                Some((Axis::Position, slice.min(self.positions.saturating_sub(1))))
-            }
-            _ => None,
-        };
-        View {
-            rows: self.layers,
-            cols: self.len_of(columns),
-            columns,
-            fixed,
-        }
-    }
-
-    /// The cell at (`row`, `col`) of `view`.
-    pub fn view_cell(&self, view: &View, row: usize, col: usize) -> CellAt {
-        let mut at = CellAt {
-            layer: row,
-            position: None,
-            head: None,
-            part: 0,
-        };
-        match view.columns {
-            Axis::Head => at.head = Some(col),
-            _ => at.position = Some(col),
-        }
-        match view.fixed {
-            Some((Axis::Component, part)) => at.part = part,
-            Some((Axis::Position, p)) => at.position = Some(p),
-            _ => {}
-        }
-        at
-    }
-}
-
-/// A 2-D slice of a sweep's grid: layers down, `columns` across, any other axis `fixed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct View {
-    pub rows: usize,
-    pub cols: usize,
-    /// What the columns are: positions or heads.
-    pub columns: Axis,
-    /// The axis this view holds at one index (a block sweep's component, a by-position head
-    /// sweep's position), if any.
-    pub fixed: Option<(Axis, usize)>,
-}
-
 /// One finished cell, as streamed to the UI while a sweep runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cell {
@@ -584,25 +386,6 @@ impl SweepResult {
             .collect()
     }
 
-    /// The unpatched (target, source) runs' value of `metric`: (corrupted, clean) when denoising.
-    pub fn baseline_metric(&self, metric: Metric, clean: bool) -> Option<f64> {
-        let map = if clean {
-            &self.clean_metrics
-        } else {
-            &self.corrupted_metrics
-        };
-        match map.get(metric.name()) {
-            Some(v) => *v,
-            None => match metric {
-                Metric::LogitDiff if clean => Some(self.clean_logit_diff),
-                Metric::LogitDiff => Some(self.corrupted_logit_diff),
-                Metric::Normalized if clean => Some(1.0),
-                Metric::Normalized => Some(0.0),
-                _ => None,
-            },
-        }
-    }
-
     /// Position labels as researchers write them: the token text with its index (" John_1" →
     /// "John_1"); where the prompts' tokens differ, both ("Mary/John_9"). Every view of a result
     /// (heatmap axis, figure ticks, text table) uses these.
@@ -671,12 +454,12 @@ impl SweepResult {
             .ok_or_else(|| serde_json::Error::custom("not a JSON object"))?;
         for field in ["values", "patched_logit_diff", "skipped", "top_k", "answer_logits"] {
             if let Some(v) = object.get_mut(field) {
-                *v = Grid::<()>::wire(v.take(), &shape)?;
+                *v = grid::wire(v.take(), &shape)?;
             }
         }
         if let Some(serde_json::Value::Object(metrics)) = object.get_mut("metrics") {
             for v in metrics.values_mut() {
-                *v = Grid::<()>::wire(v.take(), &shape)?;
+                *v = grid::wire(v.take(), &shape)?;
             }
         }
         serde_json::from_value(value)
@@ -744,53 +527,5 @@ mod tests {
         r.clean.tokens = vec!["After".into(), " Mary".into(), " to".into()];
         r.corrupted.tokens = vec!["After".into(), " John".into(), " to".into()];
         assert_eq!(r.position_labels(), ["After_0", "Mary/John_1", "to_2"]);
-    }
-
-    #[test]
-    fn every_layout_indexes_each_cell_once_in_transformer_lens_order() {
-        for (component, by_position, shape) in [
-            (Component::AttnOut, false, vec![3, 5]),
-            (Component::Block, false, vec![3, 3, 5]),
-            (Component::HeadOut, false, vec![3, 4]),
-            (Component::HeadV, true, vec![3, 5, 4]),
-        ] {
-            let layout = Layout {
-                component,
-                by_position,
-                layers: 3,
-                positions: 5,
-                heads: 4,
-            };
-            assert_eq!(layout.shape(), shape, "{component}");
-            for (i, at) in layout.cells().enumerate() {
-                assert_eq!(layout.index(at), i, "{component} {at:?}");
-            }
-            // The views cover every cell exactly once.
-            let mut seen = vec![0; layout.len()];
-            for slice in 0..layout.view_count() {
-                let view = layout.view(slice);
-                for r in 0..view.rows {
-                    for c in 0..view.cols {
-                        seen[layout.index(layout.view_cell(&view, r, c))] += 1;
-                    }
-                }
-            }
-            assert!(seen.iter().all(|&n| n == 1), "{component}: {seen:?}");
-        }
-        // [layer][position][head]: position-major within a layer, as get_act_patch_attn_head_out_by_pos.
-        let layout = Layout {
-            component: Component::HeadOut,
-            by_position: true,
-            layers: 2,
-            positions: 3,
-            heads: 4,
-        };
-        let at = CellAt {
-            layer: 1,
-            position: Some(2),
-            head: Some(3),
-            part: 0,
-        };
-        assert_eq!(layout.index(at), (3 + 2) * 4 + 3);
     }
 }

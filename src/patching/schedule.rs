@@ -34,7 +34,7 @@ const FAST_MAX_BLOCK_LOGIT_BYTES: usize = 128 << 20;
 /// ~16k token rows, Qwen3-0.6B ~7k, far more than a matmul needs to run efficiently).
 const FAST_MAX_BLOCK_ACTIVATION_BYTES: usize = 512 << 20;
 
-pub(crate) use super::result::CellAt;
+pub(crate) use super::layout::CellAt;
 
 /// How cells are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
