@@ -16,7 +16,10 @@ use candle_core::DType;
 use crate::model::{
     ArchConfig, DeviceChoice, DeviceKind, DtypeChoice, LoadProgress, Model, ModelSource, TextTokenizer,
 };
-use crate::patching::{Cell, Progress, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult};
+use crate::patching::{
+    Cell, HeadPatterns, PatternRequest, Progress, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult,
+    head_patterns,
+};
 
 /// Commands waiting for the worker; a few are plenty (the UI disables buttons while busy).
 const COMMAND_CAPACITY: usize = 16;
@@ -39,6 +42,8 @@ pub enum Command {
         request: SweepRequest,
         options: SweepOptions,
     },
+    /// Compute a head cell's attention patterns for the inspector.
+    HeadPatterns(PatternRequest),
 }
 
 /// A loaded model as the UI sees it.
@@ -72,6 +77,8 @@ pub enum Event {
     SweepFinished(Box<SweepResult>),
     /// The sweep was refused or failed; the message says why.
     SweepFailed(String),
+    /// A head cell's attention patterns, or why they could not be computed.
+    HeadPatterns(Box<PatternRequest>, Result<Box<HeadPatterns>, String>),
 }
 
 /// The UI's handle on the worker thread. Dropping it cancels work and stops the thread.
@@ -253,6 +260,13 @@ impl WorkerState {
                     Ok(result) => self.emit(Event::SweepFinished(Box::new(result))),
                     Err(e) => self.emit(Event::SweepFailed(e.to_string())),
                 }
+            }
+            Command::HeadPatterns(request) => {
+                let outcome = match &self.model {
+                    Some(model) => head_patterns(model, &request).map(Box::new).map_err(|e| e.to_string()),
+                    None => Err("no model is loaded".into()),
+                };
+                self.emit(Event::HeadPatterns(Box::new(request), outcome))
             }
         }
     }

@@ -325,3 +325,59 @@ fn a_previous_heatmap_is_marked_and_results_save_to_a_typed_path() {
     wait_until(&mut h, "the refusal", |a| a.message().is_some_and(|(_, error)| *error));
     assert!(h.query_by_label_contains("the folder does not exist").is_some());
 }
+
+#[test]
+fn a_head_sweep_draws_layers_by_heads_switches_metric_at_once_and_shows_the_pattern() {
+    let dir = TempDir::new("gui-heads");
+    let mut h = harness(&write_tiny(&dir, "tiny-qwen3"));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+    {
+        let s = h.state_mut().settings_mut();
+        s.clean = IOI_CLEAN.into();
+        s.corrupted = IOI_CORRUPTED.into();
+        s.component = patchbay::patching::Component::HeadOut;
+        s.direction = patchbay::patching::Direction::Noising;
+    }
+    h.run_steps(3);
+    // 3 layers × 4 heads, every position of a head at once.
+    assert!(
+        h.query_by_label("12 cells to compute").is_some(),
+        "cell count beside Run"
+    );
+    h.get_by_label("Run").click();
+    wait_until(&mut h, "the head sweep to finish", |a| {
+        a.result().is_some_and(|r| r.complete) && !a.is_busy()
+    });
+    let result = h.state().result().unwrap().clone();
+    assert_eq!(result.shape, [3, 4]);
+    assert_eq!(result.direction, patchbay::patching::Direction::Noising);
+    assert!(
+        h.query_by_label_contains("head_out (noising), normalized").is_some(),
+        "the title names the component, direction and metric"
+    );
+
+    // Switching the metric redraws from the stored cells: no new sweep starts.
+    let sweeps_before = result.timing.sweep_seconds;
+    h.get_by_label("Metric").click();
+    h.run_steps(2);
+    h.get_by_label("kl").click();
+    h.run_steps(3);
+    assert_eq!(h.state().shown().metric, patchbay::patching::Metric::Kl);
+    assert!(!h.state().is_busy());
+    assert_eq!(h.state().result().unwrap().timing.sweep_seconds, sweeps_before);
+    assert!(h.query_by_label_contains("head_out (noising), kl").is_some());
+
+    // A head cell shows its attention pattern in the three runs, computed on demand.
+    let pos = h.state().cell_screen_pos(2, 1).expect("heatmap drawn");
+    click_at(&mut h, pos);
+    assert_eq!(h.state().selected(), Some((2, 1)));
+    let start = Instant::now();
+    while h.query_by_label_contains("attention from the last position").is_none() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the pattern never came");
+        h.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for run in ["H1 clean", "H1 corrupted", "H1 patched"] {
+        assert!(h.query_by_label(run).is_some(), "{run} row");
+    }
+}

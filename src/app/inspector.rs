@@ -1,10 +1,13 @@
 //! The inspector: the selected cell's patched run beside the clean and corrupted runs (answer
-//! logits, logit differences, top-10 next tokens).
+//! logits, logit differences, top-10 next tokens) and, for a head cell, the head's attention
+//! pattern in the three runs (computed by the worker on demand).
 
 use egui::{Color32, RichText, Ui};
 
 use super::{ERROR_TEXT, PatchbayApp, heatmap};
+use crate::patching::{HeadPatterns, PatternRequest};
 use crate::patching::{SweepResult, TopToken};
+use crate::worker::Command;
 
 impl PatchbayApp {
     pub(super) fn inspector(&mut self, ui: &mut Ui) {
@@ -74,11 +77,114 @@ impl PatchbayApp {
                     ui.end_row();
                 }
             });
+        let at = layout.view_cell(&v, l, p);
+        let wanted = (r.component.has_heads()
+            && !r.skipped.flat()[cell]
+            && r.patched_logit_diff.flat()[cell].is_some())
+        .then(|| PatternRequest {
+            clean_ids: r.clean.token_ids.clone(),
+            corrupted_ids: r.corrupted.token_ids.clone(),
+            component: r.component,
+            direction: r.direction,
+            by_position: r.by_position,
+            at,
+        });
+        let labels = r.position_labels();
+        let head_names = r.head_labels();
         egui::ScrollArea::vertical().show(ui, |ui| {
+            if let Some(request) = wanted {
+                if self.patterns.as_ref().is_none_or(|(asked, _)| *asked != request)
+                    && self.worker.send(Command::HeadPatterns(request.clone()))
+                {
+                    self.patterns = Some((request, None));
+                }
+                ui.add_space(4.0);
+                match &self.patterns {
+                    Some((_, Some(Ok(patterns)))) => pattern_table(ui, patterns, &labels),
+                    Some((_, Some(Err(e)))) => {
+                        ui.label(RichText::new(format!("attention pattern: {e}")).color(ERROR_TEXT));
+                    }
+                    _ => {
+                        ui.label(format!(
+                            "computing {}'s attention pattern…",
+                            head_names[at.head.unwrap_or(0)]
+                        ));
+                    }
+                }
+            }
             top_table(ui, "patched run", &r.top_k.flat()[cell], r);
             top_table(ui, "clean run", &r.clean_top_k, r);
             top_table(ui, "corrupted run", &r.corrupted_top_k, r);
         });
+    }
+}
+
+/// Width of one source position's square in the attention table.
+const PATTERN_CELL: f32 = 14.0;
+
+/// The head's attention at the last position over the source positions: a row of squares per run
+/// (darker = more attention), per query head; hover a square for its token and weight.
+fn pattern_table(ui: &mut Ui, p: &HeadPatterns, labels: &[String]) {
+    ui.label(
+        RichText::new(format!(
+            "attention from the last position (layer {})",
+            p.request.at.layer
+        ))
+        .strong(),
+    );
+    egui::ScrollArea::horizontal().id_salt("pattern").show(ui, |ui| {
+        egui::Grid::new("pattern rows")
+            .num_columns(2)
+            .spacing([6.0, 2.0])
+            .show(ui, |ui| {
+                for (i, &h) in p.query_heads.iter().enumerate() {
+                    for (run, rows) in [
+                        ("clean", &p.clean),
+                        ("corrupted", &p.corrupted),
+                        ("patched", &p.patched),
+                    ] {
+                        ui.label(RichText::new(format!("H{h} {run}")).small());
+                        let row = &rows[i];
+                        let (rect, response) = ui.allocate_exact_size(
+                            egui::vec2(PATTERN_CELL * row.len() as f32, PATTERN_CELL),
+                            egui::Sense::hover(),
+                        );
+                        let painter = ui.painter_at(rect);
+                        for (s, &w) in row.iter().enumerate() {
+                            let x = rect.left() + PATTERN_CELL * s as f32;
+                            let shade = (255.0 * (1.0 - w.clamp(0.0, 1.0))) as u8;
+                            let square = egui::Rect::from_min_size(
+                                egui::pos2(x, rect.top()),
+                                egui::vec2(PATTERN_CELL - 1.0, PATTERN_CELL - 1.0),
+                            );
+                            painter.rect_filled(square, 0.0, Color32::from_rgb(shade, shade, 255));
+                        }
+                        if let Some(pos) = response.hover_pos() {
+                            let s = (((pos.x - rect.left()) / PATTERN_CELL) as usize).min(row.len().saturating_sub(1));
+                            response.on_hover_text(format!(
+                                "{}: {:.3}",
+                                labels.get(s).map_or("?", String::as_str),
+                                row[s]
+                            ));
+                        }
+                        ui.end_row();
+                    }
+                }
+            });
+    });
+    // The strongest source in the patched run, in words.
+    if let Some((s, w)) = p
+        .patched
+        .first()
+        .and_then(|row| row.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)))
+    {
+        ui.label(
+            RichText::new(format!(
+                "patched run attends most to {} ({w:.2})",
+                labels.get(s).map_or("?", String::as_str)
+            ))
+            .small(),
+        );
     }
 }
 

@@ -19,7 +19,7 @@ use egui::{Color32, RichText, Ui};
 
 use crate::export;
 use crate::model::{DownloadProgress, LoadProgress, ModelSource};
-use crate::patching::{Progress, SweepOptions, SweepRequest, SweepResult};
+use crate::patching::{HeadPatterns, PatternRequest, Progress, SweepOptions, SweepRequest, SweepResult};
 use crate::worker::{Command, Event, ModelInfo, Worker, demo_model_path};
 use heatmap::Heatmap;
 use prompts::Tokens;
@@ -77,7 +77,13 @@ pub struct PatchbayApp {
     incorrect_tokens: Tokens,
     /// A large sweep's cell count, while it waits for the user's confirmation.
     confirm_cells: Option<usize>,
+    /// The head cell whose attention patterns were last asked of the worker, and the answer once
+    /// it came.
+    patterns: Option<(PatternRequest, Option<PatternAnswer>)>,
 }
+
+/// The worker's answer to a head cell's attention patterns.
+type PatternAnswer = Result<Box<HeadPatterns>, String>;
 
 impl PatchbayApp {
     /// Creates the app, restoring settings and starting the model load.
@@ -116,6 +122,7 @@ impl PatchbayApp {
             correct_tokens: Tokens::default(),
             incorrect_tokens: Tokens::default(),
             confirm_cells: None,
+            patterns: None,
         };
         let spec = app.settings.model.clone();
         app.load_model(&spec);
@@ -315,6 +322,13 @@ impl PatchbayApp {
                     }
                 }
                 Event::SweepFailed(msg) => self.sweep_error = Some(msg),
+                Event::HeadPatterns(request, outcome) => {
+                    if let Some((asked, answer)) = &mut self.patterns
+                        && *asked == *request
+                    {
+                        *answer = Some(outcome);
+                    }
+                }
             }
         }
         if let Some(rx) = &self.pending_pick
