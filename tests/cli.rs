@@ -557,3 +557,49 @@ fn cli_bounds_the_work_a_sweep_may_take() {
         Ok(_) => panic!("top-k 101 accepted"),
     }
 }
+
+/// Head sweeps from the command line: `--by-position` on a component without heads is refused
+/// with a message; a noising head sweep by position writes a `[layer][position][head]` JSON with
+/// every metric, and the `--metric` grid as a 3-D `.npy`.
+#[test]
+fn cli_head_sweeps_by_position_noising_under_kl() {
+    let dir = TempDir::new("cli-heads");
+    let model = write_tiny(&dir, "tiny-qwen3");
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--component", "resid_post", "--by-position"]), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--by-position applies to head components"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let (json, npy) = (dir.0.join("heads.json"), dir.0.join("heads.npy"));
+    let extra = [
+        "--component",
+        "head_v",
+        "--by-position",
+        "--direction",
+        "noising",
+        "--metric",
+        "kl",
+        "--out",
+        json.to_str().unwrap(),
+        "--npy",
+        npy.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = patchbay(&ioi_sweep(&model, &extra), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("head_v patching (noising), kl"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // tiny-qwen3: 3 layers, 16 positions, 2 key/value heads each serving 2 query heads.
+    assert_eq!(r["shape"], serde_json::json!([3, 16, 2]));
+    assert_eq!(r["axes"], serde_json::json!(["layer", "position", "head"]));
+    assert_eq!(r["query_heads_of_kv_head"], serde_json::json!([[0, 1], [2, 3]]));
+    assert_eq!(r["direction"], "noising");
+    for m in ["logit_diff", "normalized", "logprob", "prob", "kl", "rank"] {
+        assert_eq!(r["metrics"][m][2][15].as_array().map(Vec::len), Some(2), "{m}");
+    }
+    // A no-op cell of a noising sweep is the clean run: KL(clean ‖ clean) = 0, to f32 rounding.
+    assert!(r["metrics"]["kl"][0][0][0].as_f64().unwrap().abs() < 1e-5);
+    let bytes = std::fs::read(&npy).unwrap();
+    let header = String::from_utf8_lossy(&bytes[10..80]);
+    assert!(header.contains("'shape': (3, 16, 2)"), "{header}");
+    assert_eq!(bytes.len() % 64, (3 * 16 * 2 * 8) % 64);
+}
