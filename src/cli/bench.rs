@@ -341,9 +341,14 @@ fn fmt_ms(seconds: Option<f64>) -> String {
 }
 
 fn print_round(round: u64, schedule: Schedule, run: &BenchRun) {
+    // The six metrics' own CPU time (beyond the softmax the top-k needs), as a share of the sweep's.
+    let metrics: f64 = run.result.timing.forwards.iter().map(|f| f.metrics_seconds).sum();
+    let metrics_share = run.cpu_seconds.map_or(String::new(), |cpu| {
+        format!("  metrics {:.1}% of cpu", 100.0 * metrics / cpu.max(1e-9))
+    });
     println!(
         "round {round}   {:<5} {:>4} cells computed, {:>4} skipped  {:>8.3} s (cpu {:>7.2} s)  first cell {:>7}  \
-         peak RSS {}{}",
+         peak RSS {}{metrics_share}{}",
         schedule.name(),
         run.result.timing.cells_computed,
         run.result.timing.cells_skipped,

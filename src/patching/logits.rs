@@ -7,10 +7,38 @@ use crate::error::Result;
 use crate::model::Model;
 use crate::model::kernels::fastmath;
 
+/// A logits row's softmax normalizer: its largest logit and Σ exp(l − max). Computed once per
+/// row, it serves the top-k probabilities and every metric.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Softmax {
+    pub max: f32,
+    pub sum: f64,
+}
+
+impl Softmax {
+    /// The normalizer of `logits`.
+    pub fn of(logits: &[f32]) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        Self {
+            max,
+            sum: sum_exp(logits, max),
+        }
+    }
+
+    /// `ln Σ exp(logits)`.
+    pub fn log_sum_exp(&self) -> f64 {
+        f64::from(self.max) + self.sum.ln()
+    }
+}
+
 /// The most likely next tokens of one logits row, with softmax probabilities.
 pub fn top_tokens(model: &Model, logits: &[f32], k: usize) -> Vec<TopToken> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = sum_exp(logits, max);
+    top_tokens_with(model, logits, k, Softmax::of(logits))
+}
+
+/// [`top_tokens`] with the row's [`Softmax`] already computed.
+pub fn top_tokens_with(model: &Model, logits: &[f32], k: usize, softmax: Softmax) -> Vec<TopToken> {
+    let Softmax { max, sum } = softmax;
     top_k(logits, k)
         .into_iter()
         .map(|(id, logit)| TopToken {

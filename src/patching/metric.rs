@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::logits::sum_exp;
+use super::logits::Softmax;
 
 /// Below this |LD_clean − LD_corrupted| the normalized metric is undefined (a division by ~0).
 pub const MIN_LOGIT_DIFF_GAP: f64 = 1e-6;
@@ -95,12 +95,6 @@ pub fn normalized(patched: f64, clean: f64, corrupted: f64) -> Option<f64> {
     (gap.abs() >= MIN_LOGIT_DIFF_GAP).then(|| (patched - corrupted) / gap)
 }
 
-/// `ln Σ exp(logits)`, stably.
-fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    f64::from(max) + sum_exp(logits, max).ln()
-}
-
 /// What every cell's metrics are measured against: the answers, both baselines' logit differences
 /// and the clean run's next-token distribution.
 #[derive(Debug, Clone)]
@@ -118,7 +112,7 @@ pub struct MetricBasis {
 impl MetricBasis {
     /// The basis for a sweep whose unpatched clean and corrupted runs gave these logits.
     pub fn new(clean: &[f32], corrupted: &[f32], correct: u32, incorrect: u32) -> Self {
-        let lse = log_sum_exp(clean);
+        let lse = Softmax::of(clean).log_sum_exp();
         let mut neg_entropy = 0f64;
         let clean_probs = clean
             .iter()
@@ -143,8 +137,13 @@ impl MetricBasis {
 
     /// Every metric of one run's last-position logits.
     pub fn measure(&self, logits: &[f32]) -> Metrics {
+        self.measure_with(logits, Softmax::of(logits))
+    }
+
+    /// [`MetricBasis::measure`] with the row's [`Softmax`] already computed (the top-k shares it).
+    pub fn measure_with(&self, logits: &[f32], softmax: Softmax) -> Metrics {
         let ld = logit_diff(logits, self.correct, self.incorrect);
-        let lse = log_sum_exp(logits);
+        let lse = softmax.log_sum_exp();
         let correct = logits[self.correct as usize];
         let logprob = f64::from(correct) - lse;
         // KL = Σ p_c log p_c − Σ p_c (x − lse) = Σ p_c log p_c − Σ p_c x + lse (Σ p_c = 1).

@@ -130,6 +130,9 @@ pub struct ForwardTiming {
     pub forward_seconds: f64,
     /// Seconds turning those logits into cells on the CPU (metric, softmax, top-k) and delivering them.
     pub cells_seconds: f64,
+    /// CPU seconds (summed over the cores) of the six metrics beyond the softmax the top-k needs.
+    #[serde(default)]
+    pub metrics_seconds: f64,
 }
 
 /// The result of patching one component over every layer × position (× head).

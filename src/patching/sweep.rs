@@ -32,7 +32,7 @@ use super::forwards::{patched_stream, residual_sites};
 use super::heads::HeadPatcher;
 use super::hooks::SourceActs;
 use super::layout::{CellAt, Layout};
-use super::logits::{logits_rows, top_tokens};
+use super::logits::{Softmax, logits_rows, top_tokens, top_tokens_with};
 use super::metric::{MetricBasis, logit_diff};
 use super::progress::{SweepEvent, reporting_attempt};
 use super::request::{SweepRequest, TokenSweepRequest, ValidRequest};
@@ -431,7 +431,7 @@ impl<'m> Sweep<'m> {
             Schedule::Naive => self.naive_batch(block)?,
         };
         let cells_start = Instant::now();
-        let cells = self.block_cells(block, logits, options.top_k);
+        let (cells, metrics_seconds) = self.block_cells(block, logits, options.top_k);
         let token_layers = block.iter().map(|&at| self.token_layers(options.schedule, at)).sum();
         // The rest of the cells' predicted cost: their unembeddings, and for the naive schedule
         // (which reports no layers) the whole forward.
@@ -447,6 +447,7 @@ impl<'m> Sweep<'m> {
             token_layers,
             forward_seconds: (cells_start - forward_start).as_secs_f64(),
             cells_seconds: cells_start.elapsed().as_secs_f64(),
+            metrics_seconds,
         };
         Ok((cells, timing))
     }
@@ -469,32 +470,47 @@ impl<'m> Sweep<'m> {
 
     /// A computed cell from its patched run's logits.
     fn cell_of(&self, at: CellAt, row: &[f32], top_k: usize) -> Cell {
-        let (correct, incorrect) = (self.result.correct.token_id, self.result.incorrect.token_id);
-        Cell {
-            at,
-            metrics: self.basis.measure(row),
-            skipped: false,
-            top_k: top_tokens(self.model, row, top_k),
-            answer_logits: [row[correct as usize], row[incorrect as usize]],
-        }
+        self.timed_cell_of(at, row, top_k).0
     }
 
-    /// The finished cells of one block from its logits rows, in block order. Spread over the cores:
-    /// the metrics, softmax and top-k over a large vocabulary per cell are not free.
-    fn block_cells(&self, block: &[CellAt], logits: Vec<Vec<f32>>, top_k: usize) -> Vec<Cell> {
-        if block.len() <= 1 {
-            return block
+    /// [`Sweep::cell_of`], and the seconds its metrics took beyond the softmax the top-k needs
+    /// anyway (what `patchbay bench` reports as the metrics' cost).
+    fn timed_cell_of(&self, at: CellAt, row: &[f32], top_k: usize) -> (Cell, f64) {
+        let (correct, incorrect) = (self.result.correct.token_id, self.result.incorrect.token_id);
+        let softmax = Softmax::of(row);
+        let started = Instant::now();
+        let metrics = self.basis.measure_with(row, softmax);
+        let metrics_seconds = started.elapsed().as_secs_f64();
+        let cell = Cell {
+            at,
+            metrics,
+            skipped: false,
+            top_k: top_tokens_with(self.model, row, top_k, softmax),
+            answer_logits: [row[correct as usize], row[incorrect as usize]],
+        };
+        (cell, metrics_seconds)
+    }
+
+    /// The finished cells of one block from its logits rows, in block order, and the CPU seconds
+    /// their metrics took. Spread over the cores: the metrics, softmax and top-k over a large
+    /// vocabulary per cell are not free.
+    fn block_cells(&self, block: &[CellAt], logits: Vec<Vec<f32>>, top_k: usize) -> (Vec<Cell>, f64) {
+        let timed: Vec<(Cell, f64)> = if block.len() <= 1 {
+            block
                 .iter()
                 .zip(&logits)
-                .map(|(&at, r)| self.cell_of(at, r, top_k))
-                .collect();
-        }
-        // On rayon's pool, which the CPU kernels already keep: no threads started per block.
-        use rayon::prelude::*;
-        block
-            .par_iter()
-            .zip(logits.par_iter())
-            .map(|(&at, r)| self.cell_of(at, r, top_k))
-            .collect()
+                .map(|(&at, r)| self.timed_cell_of(at, r, top_k))
+                .collect()
+        } else {
+            // On rayon's pool, which the CPU kernels already keep: no threads started per block.
+            use rayon::prelude::*;
+            block
+                .par_iter()
+                .zip(logits.par_iter())
+                .map(|(&at, r)| self.timed_cell_of(at, r, top_k))
+                .collect()
+        };
+        let metrics_seconds = timed.iter().map(|(_, s)| s).sum();
+        (timed.into_iter().map(|(c, _)| c).collect(), metrics_seconds)
     }
 }
