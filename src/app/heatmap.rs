@@ -104,10 +104,12 @@ impl Heatmap {
         let layout = result.layout();
         let (layers, positions) = (view.rows, view.cols);
         let mut pixels = Vec::with_capacity(layers * positions);
+        let values = result.metric_grid(metric).map(|g| g.flat());
         for l in 0..layers {
             for p in 0..positions {
                 let i = layout.index(layout.view_cell(view, l, p));
-                let color = match (result.metric_at(metric, i), result.patched_logit_diff.flat()[i]) {
+                let value = values.and_then(|v| v.get(i).copied().flatten());
+                let color = match (value, result.patched_logit_diff.flat()[i]) {
                     (Some(v), _) => {
                         let [r, g, b] = scale.color(v);
                         Color32::from_rgb(r, g, b)

@@ -89,8 +89,8 @@ impl Scale {
     /// normalized ±1; logit_diff ± the larger baseline |LD|; prob 0 to 1; logprob, KL and rank
     /// from their floor to the largest value seen. `auto` fits the diverging ones to the data too.
     pub fn for_metric(result: &SweepResult, metric: Metric, auto: bool) -> Self {
-        let values = (0..result.layout().len()).filter_map(|i| result.metric_at(metric, i));
-        let finite: Vec<f64> = values.filter(|v| v.is_finite()).collect();
+        let values = result.metric_grid(metric).map_or(&[][..], |g| g.flat());
+        let finite: Vec<f64> = values.iter().flatten().copied().filter(|v| v.is_finite()).collect();
         let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
         let sequential = |lo: f64, hi: f64| Self {

@@ -169,8 +169,10 @@ pub fn to_npy(result: &SweepResult, metric: Metric) -> Vec<u8> {
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
+    let values = result.metric_grid(metric).map(|g| g.flat());
     for i in 0..cells {
-        out.extend_from_slice(&result.metric_at(metric, i).unwrap_or(f64::NAN).to_le_bytes());
+        let v = values.and_then(|v| v.get(i).copied().flatten());
+        out.extend_from_slice(&v.unwrap_or(f64::NAN).to_le_bytes());
     }
     out
 }

@@ -368,24 +368,26 @@ impl SweepResult {
         self.patched_logit_diff.flat().iter().filter(|v| v.is_some()).count()
     }
 
-    /// `metric` of the cell at flat index `i`: from `metrics`, or for results written before it
-    /// existed, `values` and `patched_logit_diff`.
+    /// `metric`'s grid: from `metrics`, or for results written before it existed, `values` and
+    /// `patched_logit_diff`; `None` when the result lacks it. Look it up once per view, not per cell.
+    pub fn metric_grid(&self, metric: Metric) -> Option<&Grid<Option<f64>>> {
+        self.metrics.get(metric.name()).or(match metric {
+            Metric::Normalized => Some(&self.values),
+            Metric::LogitDiff => Some(&self.patched_logit_diff),
+            _ => None,
+        })
+    }
+
+    /// `metric` of the cell at flat index `i` (see [`SweepResult::metric_grid`]).
     pub fn metric_at(&self, metric: Metric, i: usize) -> Option<f64> {
-        match self.metrics.get(metric.name()) {
-            Some(grid) => grid.flat().get(i).copied().flatten(),
-            None => match metric {
-                Metric::Normalized => self.values.flat().get(i).copied().flatten(),
-                Metric::LogitDiff => self.patched_logit_diff.flat().get(i).copied().flatten(),
-                _ => None,
-            },
-        }
+        self.metric_grid(metric)?.flat().get(i).copied().flatten()
     }
 
     /// The metrics this result has (older results: normalized and logit_diff only).
     pub fn available_metrics(&self) -> Vec<Metric> {
         Metric::ALL
             .into_iter()
-            .filter(|m| self.metrics.contains_key(m.name()) || matches!(m, Metric::Normalized | Metric::LogitDiff))
+            .filter(|&m| self.metric_grid(m).is_some())
             .collect()
     }
 
