@@ -350,6 +350,11 @@ fn a_head_sweep_draws_layers_by_heads_switches_metric_at_once_and_shows_the_patt
     });
     let result = h.state().result().unwrap().clone();
     assert_eq!(result.shape, [3, 4]);
+    // With one sweep's speed known, Run also says about how long the next one takes.
+    assert!(
+        h.query_by_label_contains("12 cells to compute, about").is_some(),
+        "a time estimate beside Run"
+    );
     assert_eq!(result.direction, patchbay::patching::Direction::Noising);
     assert!(
         h.query_by_label_contains("head_out (noising), normalized").is_some(),

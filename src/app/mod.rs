@@ -80,6 +80,9 @@ pub struct PatchbayApp {
     /// The head cell whose attention patterns were last asked of the worker, and the answer once
     /// it came.
     patterns: Option<(PatternRequest, Option<PatternAnswer>)>,
+    /// Work (cost-model units) per second of the last complete sweep on this model: what the
+    /// estimate beside Run is based on.
+    work_rate: Option<f64>,
 }
 
 /// The worker's answer to a head cell's attention patterns.
@@ -123,6 +126,7 @@ impl PatchbayApp {
             incorrect_tokens: Tokens::default(),
             confirm_cells: None,
             patterns: None,
+            work_rate: None,
         };
         let spec = app.settings.model.clone();
         app.load_model(&spec);
@@ -274,6 +278,7 @@ impl PatchbayApp {
                     }
                     self.model_error = None;
                     self.model = Some(info);
+                    self.work_rate = None; // another model runs at another speed
                     if std::mem::take(&mut self.run_on_load) {
                         self.run_sweep();
                     }
@@ -313,6 +318,11 @@ impl PatchbayApp {
                         s.elapsed = Some(s.started.elapsed().as_secs_f64());
                         s.result = *result;
                         self.heatmap.mark_dirty();
+                        let t = &s.result.timing;
+                        let cells_time = t.sweep_seconds - t.baseline_seconds;
+                        if s.result.complete && t.cells_computed > 0 && cells_time > 0.0 {
+                            self.work_rate = Some(s.progress.total() / cells_time);
+                        }
                         let kept = format!("{} of {} cells kept", s.result.done_cells(), s.result.layout().len());
                         if let Some(e) = &s.result.error {
                             self.sweep_error = Some(format!("the sweep stopped early ({kept}): {e}"));

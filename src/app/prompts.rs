@@ -8,6 +8,7 @@ use egui::{Color32, RichText, Ui};
 use super::presets::presets;
 use super::{DIFF_FILL, ERROR_TEXT, OK_TEXT, PatchbayApp};
 use crate::model::TextTokenizer;
+use crate::patching::cost::CostModel;
 use crate::patching::{Component, Direction, Layout, Metric};
 
 /// A prompt editor grows to this height, then scrolls.
@@ -239,9 +240,17 @@ impl PatchbayApp {
             {
                 self.cancel();
             }
-            if let Some(cells) = self.cells_to_compute().filter(|_| reason.is_none()) {
-                ui.label(RichText::new(format!("{cells} cells to compute")).small())
-                    .on_hover_text("layers × the positions from the first one where the prompts differ");
+            if let Some(cost) = self.planned_cost().filter(|_| reason.is_none()) {
+                let cells = cost.layout.cells_to_compute(cost.first_diff);
+                let time = match self.work_rate {
+                    Some(rate) => format!(", about {}", fmt_seconds(cost.total(&self.sweep_options) / rate)),
+                    None => String::new(),
+                };
+                ui.label(RichText::new(format!("{cells} cells to compute{time}")).small())
+                    .on_hover_text(
+                        "the cells from the first position where the prompts differ (earlier ones are free \
+                         no-ops); the time is estimated from the last sweep's speed on this model",
+                    );
             }
         });
         if let Some(err) = &self.sweep_error {
@@ -249,9 +258,15 @@ impl PatchbayApp {
         }
     }
 
-    /// The cells the current prompts' sweep computes: layers × positions from the first one where
-    /// the prompts' tokens differ (earlier ones are free no-ops). None until both tokenize alike.
+    /// The cells the current prompts' sweep computes: those from the first position where the
+    /// prompts' tokens differ (earlier ones are free no-ops). None until both tokenize alike.
     pub fn cells_to_compute(&self) -> Option<usize> {
+        self.planned_cost()
+            .map(|cost| cost.layout.cells_to_compute(cost.first_diff))
+    }
+
+    /// The cost model of the sweep Run would start. None until both prompts tokenize alike.
+    fn planned_cost(&self) -> Option<CostModel> {
         let cfg = &self.model.as_ref()?.config;
         let (clean, corrupted) = (&self.clean_tokens.ids, &self.corrupted_tokens.ids);
         if clean.is_empty() || clean.len() != corrupted.len() {
@@ -264,7 +279,8 @@ impl PatchbayApp {
             .unwrap_or(clean.len());
         let component = self.settings.component;
         let by_position = self.settings.by_position && component.has_heads();
-        Some(Layout::for_model(component, by_position, cfg, clean.len()).cells_to_compute(first_diff))
+        let layout = Layout::for_model(component, by_position, cfg, clean.len());
+        Some(CostModel::new(layout, first_diff, cfg))
     }
 
     /// Run, as the button does: at once, or after a confirmation when the sweep is large.
@@ -503,5 +519,16 @@ fn answer_status(ui: &mut Ui, tokens: &Tokens) -> bool {
             );
             false
         }
+    }
+}
+
+/// "0.8 s", "12 s", "4 min".
+fn fmt_seconds(seconds: f64) -> String {
+    if seconds < 10.0 {
+        format!("{seconds:.1} s")
+    } else if seconds < 120.0 {
+        format!("{seconds:.0} s")
+    } else {
+        format!("{:.0} min", seconds / 60.0)
     }
 }

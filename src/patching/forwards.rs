@@ -17,7 +17,7 @@ use super::{Component, Direction};
 use crate::error::{Error, Result};
 use crate::model::{Cone, Model, Site, Span};
 
-/// The residual stream a cone starts from (see [`Sweep::cone_start_layer`]) when `component` at
+/// The residual stream a cone starts from (see [`CostModel::cone_start_layer`](super::cost::CostModel::cone_start_layer)) when `component` at
 /// `layer` is patched with `source` (rows of the source run's activation); `pre` and `mid` are the
 /// target run's resid_pre and resid_mid at the same positions.
 pub(super) fn patched_stream(
@@ -54,8 +54,8 @@ impl Sweep<'_> {
     pub(super) fn fast_blocks(&self, cells: Vec<CellAt>) -> Vec<Vec<CellAt>> {
         let t = &self.model.transformer;
         let tensor_attention = !(t.device().is_cpu() && t.dtype() == DType::F32);
-        let cost = |&at: &CellAt| self.cell_cost(Schedule::Fast, at);
-        let rows = |&at: &CellAt| self.layout.positions - self.cone_offset(at);
+        let cost = |&at: &CellAt| self.cost.cell_cost(Schedule::Fast, at);
+        let rows = |&at: &CellAt| self.layout.positions - self.cost.cone_offset(at);
         fast_blocks(
             cells,
             &self.model.config,
@@ -96,12 +96,6 @@ impl Sweep<'_> {
         Ok(starts)
     }
 
-    /// The first position of a cell's cone: its patched position, or for every-position head
-    /// patches the first differing token.
-    pub(super) fn cone_offset(&self, at: CellAt) -> usize {
-        at.position.unwrap_or(self.first_diff).min(self.layout.positions - 1)
-    }
-
     /// The fast schedule: one packed forward of the causal cones of `block`'s cells.
     pub(super) fn fast_block(
         &self,
@@ -129,8 +123,8 @@ impl Sweep<'_> {
         block
             .iter()
             .map(|&at| {
-                let position = self.cone_offset(at);
-                let start_layer = self.cone_start_layer(at);
+                let position = self.cost.cone_offset(at);
+                let start_layer = self.cost.cone_start_layer(at);
                 let patched =
                     starts[at.part * self.layout.layers + at.layer].narrow(0, position - self.first_diff, 1)?;
                 Ok(Cone {

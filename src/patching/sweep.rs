@@ -28,6 +28,8 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::Direction;
+use super::cost::CostModel;
 use super::forwards::{patched_stream, residual_sites};
 use super::heads::HeadPatcher;
 use super::hooks::SourceActs;
@@ -38,7 +40,6 @@ use super::progress::{SweepEvent, reporting_attempt};
 use super::request::{SweepRequest, TokenSweepRequest, ValidRequest};
 use super::result::{Baseline, Cell, ForwardTiming, ModelRecord, SweepResult};
 use super::schedule::{BlockRun, Schedule, run_blocks};
-use super::{Component, Direction};
 use crate::error::{Error, Result};
 use crate::model::{LayerKv, Model, Site};
 
@@ -100,6 +101,8 @@ pub struct Sweep<'m> {
     /// mlp_out): the logits of the patch at the last position, and the target run's, which every
     /// patch at an earlier position leaves unchanged there.
     pub(super) last_layer_logits: Option<(Vec<f32>, Vec<f32>)>,
+    /// Each cell's predicted work.
+    pub(super) cost: CostModel,
     /// The target run's logits (the no-op cells' numbers).
     target_logits: Vec<f32>,
     /// What every cell's metrics are measured against.
@@ -198,10 +201,8 @@ impl<'m> Sweep<'m> {
         // the target run's own for the others. They share the baselines' pass over the
         // unembedding, so the first cells are ready with the baselines.
         let last = layers - 1;
-        let has_ready = matches!(
-            component,
-            Component::ResidPost | Component::ResidMid | Component::AttnOut | Component::MlpOut
-        ) && first_diff < seq;
+        let cost = CostModel::new(layout, first_diff, cfg);
+        let has_ready = cost.last_layer_with_baselines();
         let mut finals = vec![baselines.last_hidden.clone()];
         if has_ready {
             let at_last = |t: &Tensor| t.narrow(0, seq - 1, 1);
@@ -252,6 +253,7 @@ impl<'m> Sweep<'m> {
             target_kv,
             first_diff,
             last_layer_logits,
+            cost,
             target_logits,
             basis,
             baseline_seconds: start.elapsed().as_secs_f64(),
@@ -432,10 +434,13 @@ impl<'m> Sweep<'m> {
         };
         let cells_start = Instant::now();
         let (cells, metrics_seconds) = self.block_cells(block, logits, options.top_k);
-        let token_layers = block.iter().map(|&at| self.token_layers(options.schedule, at)).sum();
+        let token_layers = block
+            .iter()
+            .map(|&at| self.cost.token_layers(options.schedule, at))
+            .sum();
         // The rest of the cells' predicted cost: their unembeddings, and for the naive schedule
         // (which reports no layers) the whole forward.
-        let cost: usize = block.iter().map(|&at| self.cell_cost(options.schedule, at)).sum();
+        let cost: usize = block.iter().map(|&at| self.cost.cell_cost(options.schedule, at)).sum();
         let reported = if options.schedule == Schedule::Fast {
             token_layers
         } else {
