@@ -569,6 +569,24 @@ fn cli_head_sweeps_by_position_noising_under_kl() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("--by-position applies to head components"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // A config without head counts: the model is refused with the field named, before any sweep.
+    let headless = TempDir::new("cli-heads-missing");
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(std::path::Path::new(&model).join(file), headless.0.join(file)).unwrap();
+    }
+    let config_path = headless.0.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("num_attention_heads");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (code, _, stderr) = patchbay(
+        &ioi_sweep(headless.0.to_str().unwrap(), &["--component", "head_out"]),
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("lacks the integer field 'num_attention_heads'"),
+        "{stderr}"
+    );
 
     let (json, npy) = (dir.0.join("heads.json"), dir.0.join("heads.npy"));
     let extra = [

@@ -232,32 +232,69 @@ fn tiny_models_agree_wherever_the_prompts_differ() {
 fn cancelling_a_fast_sweep_keeps_the_cells_it_finished() {
     let (name, _) = tiny_configs().remove(0);
     let (_dir, model) = tiny(&name);
-    let request = TokenSweepRequest {
-        clean_ids: (10..26).collect(),
-        corrupted_ids: (10..26).map(|i| if i == 19 { 99 } else { i }).collect(),
-        correct_id: 3,
-        incorrect_id: 4,
-        component: Component::ResidPost,
-        direction: Default::default(),
-        by_position: false,
-    };
-    let cancel = AtomicBool::new(false);
-    let mut computed = 0;
-    let result = Sweep::prepare_tokens(&model, &request, 5)
-        .unwrap()
-        .run(&options(Schedule::Fast), &cancel, &mut |cell| {
-            if !cell.skipped {
-                computed += 1;
-                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        })
-        .unwrap();
-    assert!(!result.complete);
-    assert!(
-        computed > 0 && computed < result.layers() * 7,
-        "{computed} cells before stopping"
-    );
-    assert_eq!(result.timing.cells_computed, computed);
+    for (component, by_position) in [(Component::ResidPost, false), (Component::HeadOut, true)] {
+        let request = TokenSweepRequest {
+            clean_ids: (10..26).collect(),
+            corrupted_ids: (10..26).map(|i| if i == 19 { 99 } else { i }).collect(),
+            correct_id: 3,
+            incorrect_id: 4,
+            component,
+            direction: Default::default(),
+            by_position,
+        };
+        let cancel = AtomicBool::new(false);
+        let mut computed = 0;
+        let result = Sweep::prepare_tokens(&model, &request, 5)
+            .unwrap()
+            .run(&options(Schedule::Fast), &cancel, &mut |cell| {
+                if !cell.skipped {
+                    computed += 1;
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .unwrap();
+        assert!(!result.complete, "{component}");
+        let layout = result.layout();
+        assert!(
+            computed > 0 && computed < layout.cells_to_compute(9),
+            "{component}: {computed} cells before stopping"
+        );
+        assert_eq!(result.timing.cells_computed, computed, "{component}");
+        assert_eq!(
+            result.done_cells(),
+            computed + result.timing.cells_skipped,
+            "{component}"
+        );
+    }
+}
+
+/// Multi-head attention (as many key/value heads as query heads) as well as the GQA of the
+/// reference models: both schedules agree on every site and direction.
+#[test]
+fn an_mha_model_agrees_on_every_site_and_direction() {
+    let (_, mut config) = tiny_configs()
+        .into_iter()
+        .find(|(n, _)| n == "tiny-llama")
+        .expect("tiny-llama");
+    config["num_key_value_heads"] = config["num_attention_heads"].clone();
+    let dir = common::TempDir::new("tiny-mha");
+    common::write_tiny_model(&dir.0, &config);
+    let model = common::load_folder(&dir.0);
+    assert_eq!(model.config.num_heads, model.config.num_kv_heads);
+    for (component, by_position) in sites() {
+        for direction in Direction::ALL {
+            let mut request = tiny_request(component);
+            request.direction = direction;
+            request.by_position = by_position;
+            let naive = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Naive);
+            let fast = run(Sweep::prepare(&model, &request, 10).unwrap(), Schedule::Fast);
+            assert_same_cells(
+                &naive,
+                &fast,
+                &format!("MHA {component} by_position={by_position} {direction}"),
+            );
+        }
+    }
 }
 
 fn smollm2_agrees(component: Component) {

@@ -26,7 +26,8 @@ pub struct Cli {
 /// What to run.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Patch one component over every layer × position and report the normalized logit difference.
+    /// Patch one component (residual stream, block outputs or attention heads) over every layer ×
+    /// position (× head), denoising or noising, and report six metrics per cell.
     Sweep(Box<sweep::SweepArgs>),
     /// Time the naive and fast schedules on one sweep, alternating, with peak memory.
     Bench(Box<bench::BenchArgs>),
