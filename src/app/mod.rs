@@ -83,6 +83,8 @@ pub struct PatchbayApp {
     /// Work (cost-model units) per second of the last complete sweep on this model: what the
     /// estimate beside Run is based on.
     work_rate: Option<f64>,
+    /// Sweeps started since the app opened.
+    sweeps_started: usize,
 }
 
 /// The worker's answer to a head cell's attention patterns.
@@ -127,6 +129,7 @@ impl PatchbayApp {
             confirm_cells: None,
             patterns: None,
             work_rate: None,
+            sweeps_started: 0,
         };
         let spec = app.settings.model.clone();
         app.load_model(&spec);
@@ -248,6 +251,11 @@ impl PatchbayApp {
         }
     }
 
+    /// How many sweeps have started since the app opened.
+    pub fn sweeps_started(&self) -> usize {
+        self.sweeps_started
+    }
+
     /// The selected cell.
     pub fn selected(&self) -> Option<(usize, usize)> {
         self.selected
@@ -288,6 +296,7 @@ impl PatchbayApp {
                     self.model_error = Some(msg);
                 }
                 Event::SweepStarted(result, progress) => {
+                    self.sweeps_started += 1;
                     self.sweep = Some(SweepView {
                         result: *result,
                         progress,
