@@ -7,13 +7,11 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 
-use super::procfs;
+use super::{PatchArgs, procfs};
 use patchbay::model::{DeviceChoice, DtypeChoice, Model, ModelSource};
 use patchbay::patching::result::{ForwardTiming, Timing};
 use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_TOP_K};
-use patchbay::patching::{
-    Component, Direction, Schedule, Sweep, SweepOptions, SweepRequest, SweepResult, TokenSweepRequest,
-};
+use patchbay::patching::{Schedule, Sweep, SweepOptions, SweepRequest, SweepResult, TokenSweepRequest};
 use patchbay::{Error, Result};
 
 /// The IOI prompts of the seed notebook, the benchmark's default sweep.
@@ -63,15 +61,8 @@ pub struct BenchArgs {
     /// Schedules to time, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "naive,fast")]
     pub schedules: Vec<Schedule>,
-    /// The activation to patch.
-    #[arg(long, value_enum, default_value_t = Component::ResidPost)]
-    pub component: Component,
-    /// Head components: one cell per (layer, position, head).
-    #[arg(long)]
-    pub by_position: bool,
-    /// denoising (clean into corrupted) or noising (corrupted into clean).
-    #[arg(long, value_enum, default_value_t = Direction::Denoising)]
-    pub direction: Direction,
+    #[command(flatten)]
+    pub patch: PatchArgs,
     /// Naive schedule: cells per forward (1 = one forward per cell, like a notebook loop).
     #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
     pub batch: usize,
@@ -190,9 +181,9 @@ impl Bench<'_> {
                 corrupted: args.corrupted.clone(),
                 correct: args.correct.clone(),
                 incorrect: args.incorrect.clone(),
-                component: args.component,
-                direction: args.direction,
-                by_position: args.by_position,
+                component: args.patch.component,
+                direction: args.patch.direction,
+                by_position: args.patch.by_position,
             };
             return Sweep::prepare(model, &request, DEFAULT_TOP_K);
         }
@@ -207,9 +198,9 @@ impl Bench<'_> {
             corrupted_ids,
             correct_id: 2000 % vocab,
             incorrect_id: 3000 % vocab,
-            component: args.component,
-            direction: args.direction,
-            by_position: args.by_position,
+            component: args.patch.component,
+            direction: args.patch.direction,
+            by_position: args.patch.by_position,
         };
         Sweep::prepare_tokens(model, &request, DEFAULT_TOP_K)
     }
@@ -233,9 +224,9 @@ impl Bench<'_> {
         );
         println!(
             "sweep     {}{}, {}, {}; seconds = baselines + all cells (model load excluded)",
-            args.component,
-            if args.by_position { " by position" } else { "" },
-            args.direction,
+            args.patch.component,
+            if args.patch.by_position { " by position" } else { "" },
+            args.patch.direction,
             if args.synthetic.is_some() {
                 format!("{SYNTHETIC_PROMPT_TOKENS} token ids differing at position {SYNTHETIC_DIFF_POSITION}")
             } else {

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 
 use patchbay::Result;
 use patchbay::model::{DEFAULT_MODEL, DeviceChoice, DtypeChoice, LoadProgress, Model, ModelSource};
+use patchbay::patching::{Component, Direction};
 
 /// Activation patching on language models.
 #[derive(Debug, Parser)]
@@ -52,6 +53,21 @@ pub struct ModelArgs {
     /// Precision (auto: f32 on CPU, bf16 on CUDA).
     #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
     pub dtype: DtypeChoice,
+}
+
+/// What to patch and in which direction: shared by `sweep` and `bench`.
+#[derive(Debug, Args)]
+pub struct PatchArgs {
+    /// The activation to patch.
+    #[arg(long, value_enum, default_value_t = Component::ResidPost)]
+    pub component: Component,
+    /// Head components: one cell per (layer, position, head) rather than per (layer, head).
+    #[arg(long)]
+    pub by_position: bool,
+    /// denoising: clean activations into the corrupted run (is the component sufficient?);
+    /// noising: corrupted activations into the clean run (is it necessary?).
+    #[arg(long, value_enum, default_value_t = Direction::Denoising)]
+    pub direction: Direction,
 }
 
 /// Runs a parsed command; no command opens the app (or, built without it, prints the help).

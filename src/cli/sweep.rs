@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{ModelArgs, load_model};
+use super::{ModelArgs, PatchArgs, load_model};
 use patchbay::export::Shown;
 use patchbay::export::data::STDOUT;
 use patchbay::export::{self, Format};
 use patchbay::model::ModelSource;
 use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_MAX_CELLS, DEFAULT_TOP_K, MAX_TOP_K};
 use patchbay::patching::{
-    Axis, Component, Direction, Metric, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult,
+    Axis, Metric, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult,
 };
 use patchbay::{Error, Result};
 
@@ -37,16 +37,8 @@ pub struct SweepArgs {
     /// The answer the corrupted prompt gives (one token, e.g. " Mary").
     #[arg(long)]
     pub incorrect: String,
-    /// The activation to patch.
-    #[arg(long, value_enum, default_value_t = Component::ResidPost)]
-    pub component: Component,
-    /// Head components: one cell per (layer, position, head) rather than per (layer, head).
-    #[arg(long)]
-    pub by_position: bool,
-    /// denoising: clean activations into the corrupted run (is the component sufficient?);
-    /// noising: corrupted activations into the clean run (is it necessary?).
-    #[arg(long, value_enum, default_value_t = Direction::Denoising)]
-    pub direction: Direction,
+    #[command(flatten)]
+    pub patch: PatchArgs,
     /// What the text heatmap, --npy and the figures show (the JSON and CSV hold every metric).
     #[arg(long, value_enum, default_value_t = Metric::Normalized)]
     pub metric: Metric,
@@ -121,9 +113,9 @@ pub fn run(args: SweepArgs) -> Result<()> {
         corrupted: args.corrupted.clone(),
         correct: args.correct.clone(),
         incorrect: args.incorrect.clone(),
-        component: args.component,
-        direction: args.direction,
-        by_position: args.by_position,
+        component: args.patch.component,
+        direction: args.patch.direction,
+        by_position: args.patch.by_position,
     };
     let options = SweepOptions {
         schedule: args.schedule,
