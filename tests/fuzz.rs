@@ -201,7 +201,9 @@ fn gguf_header() {
         let has_output = content.tensor_infos.contains_key("output.weight");
         let tokenizer = TextTokenizer::from_gguf(&content).map(|t| t.encode_prompt("ab a"));
         match ArchConfig::from_gguf(&content, has_output) {
-            Ok(cfg) => weights::check_checkpoint(&cfg, &gguf::tensor_list(&content)).is_ok() && tokenizer.is_ok(),
+            Ok(cfg) => {
+                weights::check_checkpoint(&cfg, &gguf::tensor_list(&content, cfg.family)).is_ok() && tokenizer.is_ok()
+            }
             Err(_) => false,
         }
     });

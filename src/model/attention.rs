@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use super::cones::Segment;
 use super::decoder::{Hooks, LayerKv, Site, Transformer};
 use super::kernels::skinny::linear as linear_fwd;
-use super::layers::Attention;
+use super::layers::{Attention, rotate_partial, visible};
 use crate::error::{Error, Result};
 
 /// Where a dense attention runs: its layer, the absolute position of its first query, the cached
@@ -18,6 +18,14 @@ pub(super) struct At<'a> {
     pub(super) offset: usize,
     pub(super) prefix: Option<&'a LayerKv>,
     pub(super) batch: usize,
+}
+
+/// `cap · tanh(scores / cap)` (Gemma 2's attention softcapping), or `scores` unchanged.
+pub(super) fn softcap(scores: Tensor, cap: Option<f64>) -> Result<Tensor> {
+    Ok(match cap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    })
 }
 
 impl Transformer {
@@ -48,17 +56,17 @@ impl Transformer {
         let q = qkv.narrow(2, 0, qd)?.reshape((b, t, cfg.num_heads, hd))?;
         let k = qkv.narrow(2, qd, kvd)?.reshape((b, t, cfg.num_kv_heads, hd))?;
         let v = qkv.narrow(2, qd + kvd, kvd)?.reshape((b, t, cfg.num_kv_heads, hd))?;
-        let eps = cfg.rms_norm_eps as f32;
         let q = match &attn.q_norm {
-            Some(w) => candle_nn::ops::rms_norm(&q.contiguous()?, w, eps)?,
+            Some(norm) => norm.forward(&q.contiguous()?)?,
             None => q,
         };
         let k = match &attn.k_norm {
-            Some(w) => candle_nn::ops::rms_norm(&k.contiguous()?, w, eps)?,
+            Some(norm) => norm.forward(&k.contiguous()?)?,
             None => k,
         };
-        let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let rope = |x: &Tensor| -> Result<Tensor> { Ok(candle_nn::rotary_emb::rope(x, cos, sin)?) };
+        let q = rotate_partial(&q.transpose(1, 2)?.contiguous()?, cfg.rotary_dim, rope)?;
+        let k = rotate_partial(&k.transpose(1, 2)?.contiguous()?, cfg.rotary_dim, rope)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let q = hooks.visit(Site::Q, layer, offset, q)?;
         let k = hooks.visit(Site::K, layer, offset, k)?;
@@ -83,8 +91,7 @@ impl Transformer {
         let n_rep = cfg.num_heads / cfg.num_kv_heads;
         let k_rep = candle_transformers::utils::repeat_kv(k.clone(), n_rep)?;
         let v_rep = candle_transformers::utils::repeat_kv(v.clone(), n_rep)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k_rep.t()?)? * scale)?;
+        let scores = softcap((q.matmul(&k_rep.t()?)? * cfg.attention_scale)?, cfg.attn_softcap)?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
@@ -95,6 +102,25 @@ impl Transformer {
         let out = out.transpose(1, 2)?.reshape((b, t, cfg.num_heads * hd))?;
         let out = hooks.visit(Site::Z, layer, offset, out)?;
         Ok((linear_fwd(&attn.o_proj, &out)?, LayerKv { k, v }))
+    }
+}
+
+/// How a layer scores queries against keys: the scale, Gemma 2's softcap and a sliding window.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Scoring {
+    pub(super) scale: f64,
+    pub(super) softcap: Option<f64>,
+    pub(super) window: Option<usize>,
+}
+
+impl Scoring {
+    /// Layer `layer`'s scoring.
+    pub(super) fn of(cfg: &super::config::ArchConfig, layer: usize) -> Self {
+        Self {
+            scale: cfg.attention_scale,
+            softcap: cfg.attn_softcap,
+            window: cfg.window(layer),
+        }
     }
 }
 
@@ -110,6 +136,7 @@ pub(super) fn cone_attention_tensors(
     prefix: &LayerKv,
     segments: &[Segment],
     last_only: bool,
+    scoring: Scoring,
 ) -> Result<Tensor> {
     let (n_queries, heads, hd) = q.dims3()?;
     let kv_heads = k.dim(1)?;
@@ -139,7 +166,11 @@ pub(super) fn cone_attention_tensors(
             // Padding queries see slot 0 only, so their (discarded) softmax stays finite.
             let pos = first_pos + j;
             mask.extend((0..slots).map(|slot| {
-                let visible = if valid { slot <= pos } else { slot == 0 };
+                let visible = if valid {
+                    visible(pos, slot, scoring.window)
+                } else {
+                    slot == 0
+                };
                 if visible { 0.0 } else { f32::NEG_INFINITY }
             }));
         }
@@ -174,8 +205,7 @@ pub(super) fn cone_attention_tensors(
         .contiguous()?
         .reshape((n, kv_heads, rep * lmax, hd))?;
     let mask = Tensor::from_vec(mask, (n, 1, 1, lmax, slots), dev)?.to_dtype(q.dtype())?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&keys.t()?)? * scale)?
+    let scores = softcap((q.matmul(&keys.t()?)? * scoring.scale)?, scoring.softcap)?
         .reshape((n, kv_heads, rep, lmax, slots))?
         .broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
@@ -200,6 +230,7 @@ pub(super) fn cone_attention_cpu(
     prefix: &LayerKv,
     segments: &[Segment],
     last_only: bool,
+    scoring: Scoring,
 ) -> Result<Tensor> {
     use rayon::prelude::*;
     let dev = q.device().clone();
@@ -225,7 +256,8 @@ pub(super) fn cone_attention_cpu(
             segments.len()
         )));
     }
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = scoring.scale as f32;
+    let cap = scoring.softcap.map(|c| c as f32);
     let mut out = vec![0f32; n_queries * heads * hd];
     out.par_chunks_mut(heads * hd)
         .zip(q.par_chunks(heads * hd))
@@ -240,13 +272,19 @@ pub(super) fn cone_attention_cpu(
                 };
                 (&keys[at..at + hd], &values[at..at + hd])
             };
-            let mut scores = vec![0f32; pos + 1];
+            // The keys the query sees: all before it, or the last `window` with a sliding window.
+            let first = scoring.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let mut scores = vec![0f32; pos + 1 - first];
             for h in 0..heads {
                 let g = h / rep;
                 let qh = &q[h * hd..(h + 1) * hd];
                 let mut max = f32::NEG_INFINITY;
-                for (slot, score) in scores.iter_mut().enumerate() {
-                    *score = dot(qh, key(g, slot).0) * scale;
+                for (i, score) in scores.iter_mut().enumerate() {
+                    let raw = dot(qh, key(g, first + i).0) * scale;
+                    *score = match cap {
+                        Some(c) => c * (raw / c).tanh(),
+                        None => raw,
+                    };
                     max = max.max(*score);
                 }
                 let mut sum = 0f32;
@@ -255,9 +293,9 @@ pub(super) fn cone_attention_cpu(
                     sum += *score;
                 }
                 let oh = &mut out[h * hd..(h + 1) * hd];
-                for (slot, &p) in scores.iter().enumerate() {
+                for (i, &p) in scores.iter().enumerate() {
                     let w = p / sum;
-                    for (o, &x) in oh.iter_mut().zip(key(g, slot).1) {
+                    for (o, &x) in oh.iter_mut().zip(key(g, first + i).1) {
                         *o += w * x;
                     }
                 }
@@ -305,13 +343,29 @@ mod tests {
         }
         let k = Tensor::randn(0f32, 1.0, (row, kv_heads, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (row, kv_heads, hd), &dev).unwrap();
-        for last_only in [false, true] {
-            let queries = if last_only { segments.len() } else { row };
-            let q = Tensor::randn(0f32, 1.0, (queries, heads, hd), &dev).unwrap();
-            let fast = cone_attention_cpu(&q, &k, &v, &prefix, &segments, last_only).unwrap();
-            let reference = cone_attention_tensors(&q, &k, &v, &prefix, &segments, last_only).unwrap();
-            assert_eq!(fast.dims(), &[queries, heads * hd]);
-            assert!(max_abs_diff(&fast, &reference) < 1e-5, "last_only={last_only}");
+        let plain = Scoring {
+            scale: 1.0 / (hd as f64).sqrt(),
+            softcap: None,
+            window: None,
+        };
+        // Gemma 2's softcap and a window shorter than most cones.
+        let gemma = Scoring {
+            scale: 0.2,
+            softcap: Some(2.0),
+            window: Some(4),
+        };
+        for scoring in [plain, gemma] {
+            for last_only in [false, true] {
+                let queries = if last_only { segments.len() } else { row };
+                let q = Tensor::randn(0f32, 1.0, (queries, heads, hd), &dev).unwrap();
+                let fast = cone_attention_cpu(&q, &k, &v, &prefix, &segments, last_only, scoring).unwrap();
+                let reference = cone_attention_tensors(&q, &k, &v, &prefix, &segments, last_only, scoring).unwrap();
+                assert_eq!(fast.dims(), &[queries, heads * hd]);
+                assert!(
+                    max_abs_diff(&fast, &reference) < 1e-5,
+                    "last_only={last_only} {scoring:?}"
+                );
+            }
         }
     }
 }

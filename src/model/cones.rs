@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 
-use super::attention::{cone_attention_cpu, cone_attention_tensors};
+use super::attention::{Scoring, cone_attention_cpu, cone_attention_tensors};
 use super::decoder::{LayerKv, Site, Transformer};
 use super::kernels::fused::rope_thd;
 use super::kernels::skinny::linear as linear_fwd;
+use super::layers::rotate_partial;
 use crate::error::{Error, Result};
 
 /// The causal cone of one patch, for [`Transformer::forward_cones`]: everything a change to the
@@ -123,7 +124,6 @@ impl Transformer {
             });
             ids.extend_from_slice(&p[shared..]);
         }
-        let tokens = ids.len();
         let dev = &self.device;
         // Packed rows of each prompt's tokens in order, to unpack `[tokens, ..]` into `[prompts, seq, ..]`.
         let unpack_rows: Vec<u32> = (0..prompts.len())
@@ -138,7 +138,11 @@ impl Transformer {
         };
         let mut acts = HashMap::new();
         let mut kv = Vec::with_capacity(self.layers.len());
-        let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, tokens, dev)?)?;
+        let positions: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| (s.offset..s.offset + s.len).map(|p| p as u32))
+            .collect();
+        let mut x = self.embed_at(&ids, &positions)?;
         for l in 0..self.layers.len() {
             let layer = self.packed_layer(l, &x, &segments, Prefix::Packed(shared), false)?;
             for &site in sites {
@@ -290,7 +294,6 @@ impl Transformer {
         let cfg = &self.cfg;
         let layer = &self.layers[l];
         let attn = &layer.attn;
-        let eps = cfg.rms_norm_eps as f32;
         let (hd, heads, kv_heads) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (qd, kvd) = (heads * hd, kv_heads * hd);
         let dev = &self.device;
@@ -303,9 +306,9 @@ impl Transformer {
             .collect();
         let positions = Tensor::from_vec(positions, tokens, dev)?;
         let needed = segments.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
-        let (cos, sin) = self.rope(needed)?;
+        let (cos, sin) = self.rope(l, needed)?;
         let (cos, sin) = (cos.index_select(&positions, 0)?, sin.index_select(&positions, 0)?);
-        let normed = candle_nn::ops::rms_norm(x, &layer.input_layernorm, eps)?;
+        let normed = layer.attn_norm.forward(x)?;
 
         // Keys and values of every token; queries of every token, or in the last layer only of each
         // segment's last token (the others are needed there only as keys and values).
@@ -335,16 +338,16 @@ impl Transformer {
         let n_queries = q.dim(0)?;
         let q = q.contiguous()?.reshape((1, n_queries, heads, hd))?;
         let q = match &attn.q_norm {
-            Some(w) => candle_nn::ops::rms_norm(&q, w, eps)?,
+            Some(norm) => norm.forward(&q)?,
             None => q,
         };
-        let q = rope_thd(&q.contiguous()?, &q_cos, &q_sin)?.squeeze(0)?;
+        let q = rotate_partial(&q, cfg.rotary_dim, |x| rope_thd(x, &q_cos, &q_sin))?.squeeze(0)?;
         let k = k.contiguous()?.reshape((1, tokens, kv_heads, hd))?;
         let k = match &attn.k_norm {
-            Some(w) => candle_nn::ops::rms_norm(&k, w, eps)?,
+            Some(norm) => norm.forward(&k)?,
             None => k,
         };
-        let k = rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
+        let k = rotate_partial(&k, cfg.rotary_dim, |x| rope_thd(x, &cos, &sin))?.squeeze(0)?;
         let v = v.contiguous()?.reshape((tokens, kv_heads, hd))?;
 
         let shared;
@@ -369,14 +372,16 @@ impl Transformer {
             }
         };
         let cpu_f32 = dev.is_cpu() && self.dtype == DType::F32;
+        let scoring = Scoring::of(cfg, l);
         let out = if cpu_f32 {
-            cone_attention_cpu(&q, &k, &v, prefix, segments, last_only)?
+            cone_attention_cpu(&q, &k, &v, prefix, segments, last_only, scoring)?
         } else {
-            cone_attention_tensors(&q, &k, &v, prefix, segments, last_only)?
+            cone_attention_tensors(&q, &k, &v, prefix, segments, last_only, scoring)?
         };
-        let attn_out = linear_fwd(&attn.o_proj, &out)?;
-        let mid = (x + &attn_out)?;
-        let mlp_out = layer.mlp.forward(&mid, &layer.post_attention_layernorm, eps)?;
+        let attn_out = self.attn_post(l, linear_fwd(&attn.o_proj, &out)?)?;
+        let mid = (&x + &attn_out)?;
+        let mlp_in = if cfg.parallel_residual { &x } else { &mid };
+        let mlp_out = layer.mlp.forward(&layer.mlp_norm.forward(mlp_in)?)?;
         Ok(PackedLayer {
             resid_post: (&mid + &mlp_out)?,
             attn_out,
@@ -408,21 +413,11 @@ mod tests {
 
     #[test]
     fn a_shared_prefix_forward_matches_the_batched_one() {
-        use crate::model::config::{Family, RopeScaling};
+        use crate::model::config::Family;
         let cfg = ArchConfig {
-            family: Family::Qwen3,
-            vocab_size: 64,
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_layers: 3,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10_000.0,
-            rope_scaling: RopeScaling::Default,
             max_position_embeddings: 64,
             tie_word_embeddings: true,
+            ..ArchConfig::sized(Family::Qwen3, 64, 32, 48, 3, 4, 2, 8)
         };
         let sites = [
             Site::ResidPre,

@@ -1,9 +1,7 @@
-//! One architecture description for every supported checkpoint, read from an HF `config.json`
-//! or from GGUF metadata.
+//! One architecture description for every supported checkpoint: the families the hookable decoder
+//! implements and what sets them apart (norms, MLP, positions, attention variants). It is read from
+//! an HF `config.json` ([`super::hf_config`]) or from GGUF metadata ([`super::gguf_config`]).
 
-use std::path::Path;
-
-use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -13,10 +11,12 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "Qwen3ForCausalLM (gguf: qwen3)",
     "Qwen2ForCausalLM (gguf: qwen2)",
     "LlamaForCausalLM (gguf: llama; SmolLM, SmolLM2, Llama 2/3.x)",
+    "MistralForCausalLM",
+    "Gemma3ForCausalLM (gguf: gemma3; text only)",
+    "Gemma2ForCausalLM (gguf: gemma2)",
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM (Pythia)",
 ];
-
-/// A config.json larger than this is not a model configuration (they are a few KiB).
-const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// The decoder families the one hookable decoder implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +27,18 @@ pub enum Family {
     Qwen2,
     /// Qwen3 (dense): RMS QK-norm per head, head_dim independent of hidden size.
     Qwen3,
+    /// Mistral: Llama with sliding-window attention.
+    Mistral,
+    /// Gemma 2: (1 + w) RMS norms around both blocks, GELU-tanh GeGLU, √hidden-scaled embeddings,
+    /// softcapped attention and final logits, sliding window on alternate layers.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2's layout with QK-norm instead of softcapping, local sliding-window
+    /// layers with their own RoPE base and a global layer every sixth.
+    Gemma3,
+    /// GPT-2: LayerNorm with bias, learned positions, fused Conv1D qkv, GELU (tanh) MLP.
+    Gpt2,
+    /// GPT-NeoX / Pythia: LayerNorm with bias, partial rotary, fused per-head qkv, parallel residual.
+    GptNeoX,
 }
 
 impl Family {
@@ -36,25 +48,47 @@ impl Family {
             Family::Llama => "LlamaForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Gpt2 => "GPT2LMHeadModel",
+            Family::GptNeoX => "GPTNeoXForCausalLM",
         }
     }
 
-    fn from_hf_class(name: &str) -> Option<Self> {
-        match name {
-            "LlamaForCausalLM" => Some(Family::Llama),
-            "Qwen2ForCausalLM" => Some(Family::Qwen2),
-            "Qwen3ForCausalLM" => Some(Family::Qwen3),
-            _ => None,
-        }
+    pub(super) fn from_hf_class(name: &str) -> Option<Self> {
+        [
+            Family::Llama,
+            Family::Qwen2,
+            Family::Qwen3,
+            Family::Mistral,
+            Family::Gemma2,
+            Family::Gemma3,
+            Family::Gpt2,
+            Family::GptNeoX,
+        ]
+        .into_iter()
+        .find(|f| f.hf_class() == name)
     }
 
-    fn from_model_type(name: &str) -> Option<Self> {
+    /// A `config.json` `model_type` or a GGUF `general.architecture`.
+    pub(super) fn from_model_type(name: &str) -> Option<Self> {
         match name {
             "llama" => Some(Family::Llama),
             "qwen2" => Some(Family::Qwen2),
             "qwen3" => Some(Family::Qwen3),
+            "mistral" => Some(Family::Mistral),
+            "gemma2" => Some(Family::Gemma2),
+            "gemma3_text" | "gemma3" => Some(Family::Gemma3),
+            "gpt2" => Some(Family::Gpt2),
+            "gpt_neox" | "gptneox" => Some(Family::GptNeoX),
             _ => None,
         }
+    }
+
+    /// Gemma's RMS norms scale by (1 + w), its embeddings by √hidden.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
     }
 }
 
@@ -74,6 +108,38 @@ pub enum RopeScaling {
     },
 }
 
+/// The normalisation before (and, in Gemma, after) each block and before the unembedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormKind {
+    /// RMSNorm scaling by `w` (Llama, Qwen, Mistral).
+    Rms,
+    /// RMSNorm scaling by `1 + w` (Gemma; GGUF files store `1 + w` already).
+    RmsOffset,
+    /// LayerNorm with weight and bias (GPT-2, GPT-NeoX).
+    Layer,
+}
+
+/// The MLP's nonlinearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// SiLU (SwiGLU when gated).
+    Silu,
+    /// GELU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// GELU, exact (erf).
+    Gelu,
+}
+
+/// Which attention a layer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttentionKind {
+    /// Full causal attention, with the global RoPE base.
+    Global,
+    /// Sliding-window attention (a query sees the last `sliding_window` positions, itself included),
+    /// with the local RoPE base where the family has one.
+    Local,
+}
+
 /// Everything the decoder needs to know about a checkpoint's shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArchConfig {
@@ -85,221 +151,171 @@ pub struct ArchConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    pub rms_norm_eps: f64,
+    /// The norms' epsilon (RMSNorm or LayerNorm).
+    #[serde(alias = "rms_norm_eps")]
+    pub norm_eps: f64,
+    /// The RoPE base of global layers.
     pub rope_theta: f64,
+    /// The scaling of global layers' RoPE.
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-}
-
-/// A folder given as a model that has no `config.json`; when it holds GGUF files, the way to
-/// open one of them.
-fn no_config_json(dir: &Path) -> Error {
-    let gguf = std::fs::read_dir(dir).ok().and_then(|entries| {
-        entries
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")))
-    });
-    let message = match gguf {
-        Some(file) => format!(
-            "not a model folder: it has no config.json. To open the GGUF file in it, give the file \
-             itself: {}",
-            file.display()
-        ),
-        None => "not a model folder: it has no config.json (a Hugging Face model folder, as save_pretrained \
-                 writes it, holds config.json, the .safetensors weights and tokenizer.json)"
-            .into(),
-    };
-    Error::model_file(message, dir)
+    pub norm: NormKind,
+    pub activation: Activation,
+    /// gate · act(up) MLP (Llama, Qwen, Gemma) rather than act(fc) (GPT-2, NeoX).
+    pub gated_mlp: bool,
+    /// RMS norms on each head's queries and keys (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Attention and MLP both read the layer's input (GPT-NeoX); their outputs are added to it.
+    pub parallel_residual: bool,
+    /// Norms on the attention and MLP outputs before they join the residual stream (Gemma).
+    pub sandwich_norms: bool,
+    /// Embeddings are multiplied by this (Gemma: √hidden, rounded to the model's dtype).
+    pub embedding_scale: Option<f64>,
+    /// Learned absolute position embeddings added to the token embeddings (GPT-2).
+    pub learned_positions: bool,
+    /// How many of each head's dimensions RoPE rotates (head_dim; NeoX a fraction; 0 for none).
+    pub rotary_dim: usize,
+    /// Attention scores are `q·k × attention_scale` (1/√head_dim unless the family says otherwise).
+    pub attention_scale: f64,
+    /// Attention scores become `cap · tanh(score / cap)` (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Final logits become `cap · tanh(logit / cap)` (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// The window of [`AttentionKind::Local`] layers.
+    pub sliding_window: Option<usize>,
+    /// Each layer's attention.
+    pub layer_kinds: Vec<AttentionKind>,
+    /// The RoPE base of local layers, when it differs from `rope_theta` (Gemma 3); their RoPE is
+    /// never scaled.
+    pub local_rope_theta: Option<f64>,
 }
 
 impl ArchConfig {
-    /// Whether each attention head has RMS norms on queries and keys (Qwen3).
-    pub fn qk_norm(&self) -> bool {
-        self.family == Family::Qwen3
-    }
-
-    /// Reads an HF `config.json`.
-    pub fn from_hf_config_file(path: &Path) -> Result<Self> {
-        if let Ok(meta) = std::fs::metadata(path) {
-            if !meta.is_file() {
-                return Err(Error::model_file("config.json is not a regular file", path));
-            }
-            if meta.len() > MAX_CONFIG_BYTES {
-                return Err(Error::model_file(
-                    format!(
-                        "config.json is {} bytes, far more than a model configuration",
-                        meta.len()
-                    ),
-                    path,
-                ));
-            }
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => no_config_json(path.parent().unwrap_or(path)),
-            _ => Error::io("reading config.json", e, path),
-        })?;
-        let raw: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::model_file(format!("config.json is not valid JSON ({e})"), path))?;
-        Self::from_hf_config(&raw).map_err(|e| match e {
-            Error::ModelConfig(msg) => Error::model_file(msg, path),
-            other => other,
-        })
-    }
-
-    /// Interprets a parsed HF `config.json` (transformers 4.x and 5.x spellings).
-    pub fn from_hf_config(raw: &serde_json::Value) -> Result<Self> {
-        let hf: HfConfig = serde_path_to_error::deserialize(raw)
-            .map_err(|e| Error::ModelConfig(format!("config.json's '{}' cannot be read: {}", e.path(), e.inner())))?;
-        if let Some(act) = hf.hidden_act.as_deref().filter(|a| !matches!(*a, "silu" | "swish")) {
-            return Err(Error::ModelConfig(format!(
-                "config.json's hidden_act is '{act}'; Patchbay implements SwiGLU MLPs with silu only"
-            )));
-        }
-        if hf.use_sliding_window == Some(true) {
-            return Err(Error::ModelConfig(
-                "config.json turns sliding-window attention on (use_sliding_window); Patchbay's attention \
-                 is full causal attention only"
-                    .into(),
-            ));
-        }
-        let class = hf.architectures.first().cloned();
-        let family = match &class {
-            Some(c) => Family::from_hf_class(c),
-            None => Family::from_model_type(&hf.model_type),
-        }
-        .ok_or_else(|| match (&class, hf.model_type.as_str()) {
-            (None, "") => Error::ModelConfig(
-                "config.json names no architecture (neither \"architectures\" nor \"model_type\")".into(),
-            ),
-            _ => unsupported(class.clone().unwrap_or_else(|| hf.model_type.clone())),
-        })?;
-        let required = |value: Option<usize>, key: &str| {
-            value.ok_or_else(|| Error::ModelConfig(format!("config.json lacks the integer field '{key}'")))
-        };
-        let hidden_size = required(hf.hidden_size, "hidden_size")?;
-        let num_heads = required(hf.num_attention_heads, "num_attention_heads")?;
-        // transformers 5 moves rope settings into `rope_parameters`; 4.x uses rope_theta + rope_scaling.
-        // A file with both must not say two things.
-        if let (Some(new), Some(old)) = (&hf.rope_parameters, &hf.rope_scaling)
-            && new.scaling()? != old.scaling()?
-        {
-            return Err(Error::ModelConfig(
-                "config.json's rope_parameters and rope_scaling describe different RoPE scalings".into(),
-            ));
-        }
-        let rope = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
-        let config = ArchConfig {
+    /// A Llama-shaped starting point for `family`, sizes zero: the parsers fill in the rest.
+    pub fn base(family: Family) -> Self {
+        Self {
             family,
-            vocab_size: required(hf.vocab_size, "vocab_size")?,
-            hidden_size,
-            intermediate_size: required(hf.intermediate_size, "intermediate_size")?,
-            num_layers: required(hf.num_hidden_layers, "num_hidden_layers")?,
-            num_heads,
-            num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: hf.head_dim.unwrap_or(hidden_size / num_heads.max(1)),
-            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: hf
-                .rope_parameters
-                .as_ref()
-                .and_then(|r| r.rope_theta)
-                .or(hf.rope_theta)
-                .unwrap_or(10_000.0),
-            rope_scaling: rope.map_or(Ok(RopeScaling::Default), HfRope::scaling)?,
-            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
-            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-        };
-        config.validate()?;
-        Ok(config)
+            vocab_size: 0,
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::Default,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+            norm: NormKind::Rms,
+            activation: Activation::Silu,
+            gated_mlp: true,
+            qk_norm: family == Family::Qwen3,
+            parallel_residual: false,
+            sandwich_norms: false,
+            embedding_scale: None,
+            learned_positions: false,
+            rotary_dim: 0,
+            attention_scale: 0.0,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+            layer_kinds: Vec::new(),
+            local_rope_theta: None,
+        }
     }
 
-    /// Reads the architecture from GGUF metadata (`general.architecture` and `{arch}.*` keys).
-    pub fn from_gguf(content: &gguf_file::Content, has_output_weight: bool) -> Result<Self> {
-        let md = &content.metadata;
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        let family = Family::from_model_type(&arch).ok_or_else(|| unsupported(format!("{arch} (gguf)")))?;
-        // A key that is present with the wrong type is an error naming it, never a silent default.
-        let wrong_type = |full: &str, v: &gguf_file::Value, expected: &str| {
-            Error::ModelConfig(format!(
-                "GGUF metadata '{full}' is {:?}; expected {expected}",
-                v.value_type()
-            ))
-        };
-        let opt_u = |key: &str| -> Result<Option<usize>> {
-            let full = format!("{arch}.{key}");
-            let Some(v) = md.get(&full) else { return Ok(None) };
-            v.to_u64()
-                .ok()
-                .or_else(|| v.to_u32().ok().map(u64::from))
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| wrong_type(&full, v, "an unsigned integer"))
-        };
-        let get_u = |key: &str| -> Result<usize> {
-            opt_u(key)?.ok_or_else(|| Error::ModelConfig(format!("GGUF metadata lacks '{arch}.{key}'")))
-        };
-        let opt_f = |key: &str| -> Result<Option<f64>> {
-            let full = format!("{arch}.{key}");
-            let Some(v) = md.get(&full) else { return Ok(None) };
-            v.to_f32()
-                .map(f64::from)
-                .ok()
-                .or_else(|| v.to_f64().ok())
-                .map(Some)
-                .ok_or_else(|| wrong_type(&full, v, "a float"))
-        };
-        let hidden_size = get_u("embedding_length")?;
-        let num_heads = get_u("attention.head_count")?;
-        let num_kv_heads = opt_u("attention.head_count_kv")?.unwrap_or(num_heads);
-        let head_dim = opt_u("attention.key_length")?.unwrap_or(hidden_size / num_heads.max(1));
-        let vocab_size = match md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()) {
-            Some(tokens) => tokens.len(),
-            None => get_u("vocab_size")?,
-        };
-        let rope_scaling = match md
-            .get(&format!("{arch}.rope.scaling.type"))
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str)
-        {
-            None | Some("none") => RopeScaling::Default,
-            Some("linear") => RopeScaling::Linear {
-                factor: opt_f("rope.scaling.factor")?.unwrap_or(1.0),
-            },
-            Some(other) => {
-                return Err(Error::ModelConfig(format!(
-                    "GGUF rope scaling '{other}' is not supported (supported: none, linear)"
-                )));
-            }
-        };
-        let config = ArchConfig {
-            family,
+    /// A config for `family` with these sizes and that family's defaults (full rotary, 1/√head_dim
+    /// scaling, global attention everywhere, Gemma's norms and embedding scale): what tests and the
+    /// synthetic shapes build.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sized(
+        family: Family,
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_layers: usize,
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        let mut cfg = Self {
             vocab_size,
             hidden_size,
-            intermediate_size: get_u("feed_forward_length")?,
-            num_layers: get_u("block_count")?,
+            intermediate_size,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: opt_f("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-            rope_theta: opt_f("rope.freq_base")?.unwrap_or(10_000.0),
-            rope_scaling,
-            max_position_embeddings: opt_u("context_length")?.unwrap_or(4096),
-            tie_word_embeddings: !has_output_weight,
+            ..Self::base(family)
         };
-        config.validate()?;
-        Ok(config)
+        cfg.apply_family_defaults();
+        cfg
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Fills what follows from the family and the sizes, where a parser left it unset.
+    pub(super) fn apply_family_defaults(&mut self) {
+        let f = self.family;
+        if f.is_gemma() {
+            self.norm = NormKind::RmsOffset;
+            self.activation = Activation::GeluTanh;
+            self.sandwich_norms = true;
+            // HF multiplies by a tensor of √hidden in the model's dtype: f32 here, the decoder
+            // rounds it again to its own dtype.
+            self.embedding_scale = Some(f64::from((self.hidden_size as f32).sqrt()));
+            self.qk_norm = f == Family::Gemma3;
+        }
+        if matches!(f, Family::Gpt2 | Family::GptNeoX) {
+            self.norm = NormKind::Layer;
+            self.gated_mlp = false;
+            self.parallel_residual = f == Family::GptNeoX && self.parallel_residual;
+            self.learned_positions = f == Family::Gpt2;
+        }
+        if f == Family::Gpt2 {
+            self.rotary_dim = 0;
+        } else if self.rotary_dim == 0 {
+            self.rotary_dim = self.head_dim;
+        }
+        if self.attention_scale == 0.0 {
+            self.attention_scale = 1.0 / (self.head_dim.max(1) as f64).sqrt();
+        }
+        if self.layer_kinds.len() != self.num_layers {
+            self.layer_kinds = vec![AttentionKind::Global; self.num_layers];
+        }
+    }
+
+    /// Whether each attention head has RMS norms on queries and keys.
+    pub fn qk_norm(&self) -> bool {
+        self.qk_norm
+    }
+
+    /// Layer `layer`'s sliding window, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.layer_kinds.get(layer) {
+            Some(AttentionKind::Local) => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// Whether `resid_mid` is a point the forward passes through: with a parallel residual the MLP
+    /// reads the layer's input, and nothing reads the attention's sum alone.
+    pub fn has_resid_mid(&self) -> bool {
+        !self.parallel_residual
+    }
+
+    pub(super) fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::ModelConfig(msg));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 || self.num_layers == 0 {
             return bad(format!(
                 "config has zero heads, head_dim or layers (heads {}, kv heads {}, head_dim {}, layers {})",
                 self.num_heads, self.num_kv_heads, self.head_dim, self.num_layers
+            ));
+        }
+        if self.hidden_size == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
+            return bad(format!(
+                "config has a zero size (hidden {}, vocab {}, intermediate {})",
+                self.hidden_size, self.vocab_size, self.intermediate_size
             ));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
@@ -308,19 +324,50 @@ impl ArchConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim {
             return bad(format!(
-                "head_dim {} is odd; rotary embeddings need it even",
-                self.head_dim
+                "RoPE would rotate {} of head_dim {} dimensions; it needs an even number, at most head_dim",
+                self.rotary_dim, self.head_dim
             ));
+        }
+        if self.layer_kinds.len() != self.num_layers {
+            return bad(format!(
+                "config lists {} layer types for {} layers",
+                self.layer_kinds.len(),
+                self.num_layers
+            ));
+        }
+        if self.layer_kinds.contains(&AttentionKind::Local) && self.sliding_window.is_none_or(|w| w == 0) {
+            return bad("config has sliding-window layers but no (or a zero) sliding_window".into());
+        }
+        if !(self.attention_scale.is_finite() && self.attention_scale > 0.0) {
+            return bad(format!(
+                "attention scale {} is not a positive number",
+                self.attention_scale
+            ));
+        }
+        for (name, cap) in [
+            ("attn_logit_softcapping", self.attn_softcap),
+            ("final_logit_softcapping", self.final_softcap),
+        ] {
+            if cap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+                return bad(format!("{name} must be a positive number"));
+            }
         }
         Ok(())
     }
 
     /// A short human description: "Qwen3ForCausalLM, 28 layers, d=1024, 16 heads (8 kv) × 128".
     pub fn summary(&self) -> String {
+        let window = match (
+            self.sliding_window,
+            self.layer_kinds.iter().filter(|k| **k == AttentionKind::Local).count(),
+        ) {
+            (Some(w), n) if n > 0 => format!(", window {w} on {n}/{} layers", self.num_layers),
+            _ => String::new(),
+        };
         format!(
-            "{}, {} layers, d={}, {} heads ({} kv) × {}, vocab {}",
+            "{}, {} layers, d={}, {} heads ({} kv) × {}, vocab {}{window}",
             self.family.hf_class(),
             self.num_layers,
             self.hidden_size,
@@ -332,71 +379,8 @@ impl ArchConfig {
     }
 }
 
-/// The fields of an HF `config.json` the decoder reads; the rest are ignored. Optional where
-/// transformers has a default (applied in [`ArchConfig::from_hf_config`]); required ones are
-/// `Option`s too, so a missing one is named in the error.
-#[derive(Debug, Deserialize)]
-struct HfConfig {
-    #[serde(default)]
-    architectures: Vec<String>,
-    #[serde(default)]
-    model_type: String,
-    vocab_size: Option<usize>,
-    hidden_size: Option<usize>,
-    intermediate_size: Option<usize>,
-    num_hidden_layers: Option<usize>,
-    num_attention_heads: Option<usize>,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    rms_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
-    /// transformers 4.x: the scaling alone (null when none).
-    rope_scaling: Option<HfRope>,
-    /// transformers 5: theta and scaling together.
-    rope_parameters: Option<HfRope>,
-    max_position_embeddings: Option<usize>,
-    tie_word_embeddings: Option<bool>,
-    /// The MLP's activation: silu (SwiGLU) is what the decoder implements.
-    hidden_act: Option<String>,
-    /// Qwen2/3: sliding-window attention, which the decoder does not implement, when true.
-    use_sliding_window: Option<bool>,
-}
-
-/// `rope_scaling` / `rope_parameters` of an HF `config.json`.
-#[derive(Debug, Deserialize)]
-struct HfRope {
-    /// "default", "linear", "llama3" (older files spell the key `type`).
-    #[serde(alias = "type")]
-    rope_type: Option<String>,
-    rope_theta: Option<f64>,
-    factor: Option<f64>,
-    low_freq_factor: Option<f64>,
-    high_freq_factor: Option<f64>,
-    original_max_position_embeddings: Option<f64>,
-}
-
-impl HfRope {
-    fn scaling(&self) -> Result<RopeScaling> {
-        match self.rope_type.as_deref().unwrap_or("default") {
-            "default" => Ok(RopeScaling::Default),
-            "linear" => Ok(RopeScaling::Linear {
-                factor: self.factor.unwrap_or(1.0),
-            }),
-            "llama3" => Ok(RopeScaling::Llama3 {
-                factor: self.factor.unwrap_or(8.0),
-                low_freq_factor: self.low_freq_factor.unwrap_or(1.0),
-                high_freq_factor: self.high_freq_factor.unwrap_or(4.0),
-                original_max_position_embeddings: self.original_max_position_embeddings.unwrap_or(8192.0),
-            }),
-            other => Err(Error::ModelConfig(format!(
-                "rope scaling '{other}' is not supported (supported: default, linear, llama3)"
-            ))),
-        }
-    }
-}
-
 /// The error for an architecture the decoder does not implement.
-fn unsupported(found: String) -> Error {
+pub(super) fn unsupported(found: String) -> Error {
     Error::UnsupportedArchitecture {
         found,
         supported: SUPPORTED_ARCHITECTURES.join(", "),

@@ -1,4 +1,6 @@
-//! One hookable decoder for the Llama, Qwen2 and Qwen3 families.
+//! One hookable decoder for every family ([`super::config::Family`]): what sets them apart (norms,
+//! MLP, positions, attention variants) is data in [`ArchConfig`], their weight names in
+//! [`super::families`].
 //!
 //! candle-transformers' models expose no hooks and return last-position logits only, so we own the
 //! forward pass. It is shaped for activation patching:
@@ -15,12 +17,12 @@
 
 use std::sync::RwLock;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, VarBuilder};
 
-use super::config::ArchConfig;
+use super::config::{ArchConfig, AttentionKind};
 use super::kernels::skinny::linear as linear_fwd;
-use super::layers::{Attention, Layer, Mlp, causal_mask, linear, rope_tables, rows_of, stacked_linear};
+use super::layers::{Layer, Norm, causal_mask, rope_tables};
 use crate::error::{Error, Result};
 
 /// A place in the forward pass whose activation can be read or overwritten. Names follow
@@ -80,6 +82,8 @@ pub struct HeadActivations {
     pub pattern: Tensor,
     /// Head outputs (o_proj's input split by head), `[heads, seq, head_dim]`.
     pub z: Tensor,
+    /// o_proj's output, `[seq, hidden]`: the attention output before Gemma's post-attention norm.
+    pub o: Tensor,
 }
 
 /// Records the attention sites of one layer.
@@ -147,8 +151,17 @@ pub(super) struct RopeTables {
 }
 
 impl RopeTables {
-    fn new(cfg: &ArchConfig, positions: usize, device: &Device, dtype: DType) -> Result<Self> {
-        let (cos, sin) = rope_tables(cfg, positions, device)?;
+    fn new(cfg: &ArchConfig, kind: AttentionKind, positions: usize, device: &Device, dtype: DType) -> Result<Self> {
+        let (cos, sin) = match (kind, cfg.local_rope_theta) {
+            (AttentionKind::Local, Some(theta)) => rope_tables(
+                cfg.rotary_dim,
+                theta,
+                &super::config::RopeScaling::Default,
+                positions,
+                device,
+            )?,
+            _ => rope_tables(cfg.rotary_dim, cfg.rope_theta, &cfg.rope_scaling, positions, device)?,
+        };
         Ok(Self {
             positions,
             cos: cos.to_dtype(dtype)?,
@@ -157,89 +170,53 @@ impl RopeTables {
     }
 }
 
-/// A decoder-only transformer with hooks. Weights use the HF checkpoint names.
+/// A decoder-only transformer with hooks.
 pub struct Transformer {
     pub(super) cfg: ArchConfig,
-    pub(super) embed_tokens: Embedding,
+    /// Token embeddings, `[vocab, hidden]`.
+    pub(super) embed_weight: Tensor,
+    /// Learned position embeddings, `[positions, hidden]` (GPT-2).
+    pub(super) position_weight: Option<Tensor>,
+    /// The embedding scale as a scalar of the model's dtype (Gemma).
+    embedding_scale: Option<Tensor>,
     pub(super) layers: Vec<Layer>,
-    pub(super) norm: Tensor,
+    pub(super) final_norm: Norm,
     /// The unembedding, `[vocab, hidden]` (the embeddings when tied).
     pub(super) lm_head: Linear,
-    /// RoPE tables for the positions used so far (grown on demand: a checkpoint's
-    /// `max_position_embeddings` may be far more than any prompt needs).
-    rope: RwLock<RopeTables>,
+    /// RoPE tables for the positions used so far, global layers' then local layers' (grown on
+    /// demand: a checkpoint's `max_position_embeddings` may be far more than any prompt needs).
+    rope: [RwLock<RopeTables>; 2],
     pub(super) device: Device,
     pub(super) dtype: DType,
 }
 
 impl Transformer {
-    /// Builds the decoder from weights named as in an HF checkpoint (`model.layers.0.self_attn.q_proj.weight`, …).
+    /// Builds the decoder from weights named as in an HF checkpoint of `cfg`'s family.
     pub fn new(cfg: &ArchConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-        let vbm = vb.pp("model");
-        let embed_weight = vbm.get((cfg.vocab_size, d), "embed_tokens.weight")?;
-        let embed_tokens = Embedding::new(embed_weight.clone(), d);
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let vbl = vbm.pp(format!("layers.{i}"));
-            let va = vbl.pp("self_attn");
-            let qkv_proj = stacked_linear(
-                d,
-                &[
-                    (cfg.num_heads * hd, va.pp("q_proj")),
-                    (cfg.num_kv_heads * hd, va.pp("k_proj")),
-                    (cfg.num_kv_heads * hd, va.pp("v_proj")),
-                ],
-            )?;
-            let attn = Attention {
-                q_proj: rows_of(&qkv_proj, 0, cfg.num_heads * hd)?,
-                kv_proj: rows_of(&qkv_proj, cfg.num_heads * hd, 2 * cfg.num_kv_heads * hd)?,
-                qkv_proj,
-                o_proj: linear(cfg.num_heads * hd, d, va.pp("o_proj"))?,
-                q_norm: if cfg.qk_norm() {
-                    Some(va.get(hd, "q_norm.weight")?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm() {
-                    Some(va.get(hd, "k_norm.weight")?)
-                } else {
-                    None
-                },
-            };
-            let vm = vbl.pp("mlp");
-            let mlp = Mlp {
-                gate_proj: linear(d, cfg.intermediate_size, vm.pp("gate_proj"))?,
-                up_proj: linear(d, cfg.intermediate_size, vm.pp("up_proj"))?,
-                down_proj: linear(cfg.intermediate_size, d, vm.pp("down_proj"))?,
-            };
-            layers.push(Layer {
-                input_layernorm: vbl.get(d, "input_layernorm.weight")?,
-                attn,
-                post_attention_layernorm: vbl.get(d, "post_attention_layernorm.weight")?,
-                mlp,
-            });
-        }
-        let norm = vbm.get(d, "norm.weight")?;
-        // Tied checkpoints usually omit lm_head.weight; use the embeddings then.
-        let lm_head = if !cfg.tie_word_embeddings && vb.contains_tensor("lm_head.weight") {
-            vb.get((cfg.vocab_size, d), "lm_head.weight")?
-        } else {
-            embed_weight
+        let weights = super::families::load(cfg, vb.clone())?;
+        let positions = ROPE_INITIAL_POSITIONS.min(cfg.max_position_embeddings);
+        let tables = |kind| -> Result<RwLock<RopeTables>> {
+            Ok(RwLock::new(RopeTables::new(
+                cfg,
+                kind,
+                positions,
+                vb.device(),
+                vb.dtype(),
+            )?))
         };
-        let rope = RopeTables::new(
-            cfg,
-            ROPE_INITIAL_POSITIONS.min(cfg.max_position_embeddings),
-            vb.device(),
-            vb.dtype(),
-        )?;
+        let embedding_scale = cfg
+            .embedding_scale
+            .map(|s| Tensor::new(s as f32, vb.device())?.to_dtype(vb.dtype()))
+            .transpose()?;
         Ok(Self {
             cfg: cfg.clone(),
-            embed_tokens,
-            layers,
-            norm,
-            lm_head: Linear::new(lm_head, None),
-            rope: RwLock::new(rope),
+            embed_weight: weights.embed,
+            position_weight: weights.positions,
+            embedding_scale,
+            layers: weights.layers,
+            final_norm: weights.final_norm,
+            lm_head: Linear::new(weights.lm_head, None),
+            rope: [tables(AttentionKind::Global)?, tables(AttentionKind::Local)?],
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -265,40 +242,79 @@ impl Transformer {
         self.dtype
     }
 
-    /// Token embeddings, `[batch, seq, hidden]`, for equally long rows of token ids.
+    /// Token embeddings, `[batch, seq, hidden]`, for equally long rows of token ids at positions
+    /// `0..seq` (with learned positions and the embedding scale where the family has them).
     pub fn embed(&self, rows: &[&[u32]]) -> Result<Tensor> {
         let seq = rows.first().map_or(0, |r| r.len());
         let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        let ids = Tensor::from_vec(flat, (rows.len(), seq), &self.device)?;
-        Ok(self.embed_tokens.forward(&ids)?)
+        let positions: Vec<u32> = (0..rows.len()).flat_map(|_| 0..seq as u32).collect();
+        Ok(self
+            .embed_at(&flat, &positions)?
+            .reshape((rows.len(), seq, self.cfg.hidden_size))?)
+    }
+
+    /// Embeddings `[tokens, hidden]` of token `ids` at absolute `positions` (one each).
+    pub(super) fn embed_at(&self, ids: &[u32], positions: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let n = ids.len();
+        let x = self
+            .embed_weight
+            .index_select(&Tensor::from_vec(ids.to_vec(), n, &self.device)?, 0)?;
+        let x = match &self.embedding_scale {
+            Some(scale) => x.broadcast_mul(scale)?,
+            None => x,
+        };
+        Ok(match &self.position_weight {
+            Some(wpe) => {
+                if let Some(&bad) = positions.iter().find(|&&p| p as usize >= wpe.dim(0).unwrap_or(0)) {
+                    return Err(Error::Input(format!(
+                        "position {bad} is past this model's {} learned positions",
+                        self.cfg.max_position_embeddings
+                    )));
+                }
+                (x + wpe.index_select(&Tensor::from_vec(positions.to_vec(), n, &self.device)?, 0)?)?
+            }
+            None => x,
+        })
     }
 
     /// Runs layers `span.start_layer..` on `hidden` (that layer's resid_pre, `[batch, seq, hidden]`),
     /// calling `hooks` at every site, and returns last-position logits.
     pub fn forward(&self, hidden: Tensor, span: Span, hooks: &mut dyn Hooks) -> Result<Forward> {
         let (batch, seq, _) = hidden.dims3()?;
-        let mask = causal_mask(seq, span.offset, &self.device, self.dtype)?;
-        let (cos, sin) = self.rope(span.offset + seq)?;
-        let (cos, sin) = (cos.narrow(0, span.offset, seq)?, sin.narrow(0, span.offset, seq)?);
+        let masks = [
+            causal_mask(seq, span.offset, None, &self.device, self.dtype)?,
+            causal_mask(seq, span.offset, self.cfg.sliding_window, &self.device, self.dtype)?,
+        ];
         let mut kv_out = Vec::new();
         let mut x = hidden;
         for (l, layer) in self.layers.iter().enumerate().skip(span.start_layer) {
             x = hooks.visit(Site::ResidPre, l, span.offset, x)?;
-            let prefix = span.prefix.map(|p| &p[l]);
-            let normed = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps as f32)?;
+            let kind = self.cfg.layer_kinds[l] as usize;
+            let (cos, sin) = self.rope(l, span.offset + seq)?;
+            let (cos, sin) = (cos.narrow(0, span.offset, seq)?, sin.narrow(0, span.offset, seq)?);
+            let normed = layer.attn_norm.forward(&x)?;
             let at = super::attention::At {
                 layer: l,
                 offset: span.offset,
-                prefix,
+                prefix: span.prefix.map(|p| &p[l]),
                 batch,
             };
-            let (attn, kv) = self.attention(&layer.attn, &normed, &cos, &sin, mask.as_ref(), at, hooks)?;
-            let attn = hooks.visit(Site::AttnOut, l, span.offset, attn)?;
-            let mid = hooks.visit(Site::ResidMid, l, span.offset, (x + attn)?)?;
-            let mlp = layer
-                .mlp
-                .forward(&mid, &layer.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
-            let mlp = hooks.visit(Site::MlpOut, l, span.offset, mlp)?;
+            let (o, kv) = self.attention(&layer.attn, &normed, &cos, &sin, masks[kind].as_ref(), at, hooks)?;
+            let attn = hooks.visit(Site::AttnOut, l, span.offset, self.attn_post(l, o)?)?;
+            let mid = hooks.visit(Site::ResidMid, l, span.offset, (&x + attn)?)?;
+            let mlp_in = if self.cfg.parallel_residual { &x } else { &mid };
+            let mlp = hooks.visit(
+                Site::MlpOut,
+                l,
+                span.offset,
+                layer.mlp.forward(&layer.mlp_norm.forward(mlp_in)?)?,
+            )?;
             x = hooks.visit(Site::ResidPost, l, span.offset, (mid + mlp)?)?;
             if span.keep_kv {
                 kv_out.push(kv);
@@ -312,31 +328,53 @@ impl Transformer {
         })
     }
 
-    /// resid_post of `layer` from its resid_mid (`[.., hidden]`): adds the MLP block's output. Lets a
-    /// sweep patch attn_out at one position without rerunning the layer's attention.
-    pub fn mlp_residual(&self, layer: usize, mid: &Tensor) -> Result<Tensor> {
-        let l = self
-            .layers
+    fn layer(&self, layer: usize) -> Result<&Layer> {
+        self.layers
             .get(layer)
-            .ok_or_else(|| Error::Internal(format!("layer {layer} out of range")))?;
-        let mlp = l
-            .mlp
-            .forward(mid, &l.post_attention_layernorm, self.cfg.rms_norm_eps as f32)?;
-        Ok((mid + mlp)?)
+            .ok_or_else(|| Error::Internal(format!("layer {layer} out of range")))
+    }
+
+    /// The attention block's output as it joins the residual stream, from o_proj's output `o`:
+    /// Gemma's post-attention norm, else `o` itself.
+    pub fn attn_post(&self, layer: usize, o: Tensor) -> Result<Tensor> {
+        match &self.layer(layer)?.attn.post_norm {
+            Some(norm) => norm.forward(&o),
+            None => Ok(o),
+        }
+    }
+
+    /// resid_post of `layer` from its resid_mid (`[.., hidden]`): adds the MLP block's output. Lets a
+    /// sweep patch resid_mid without rerunning the layer's attention. Not for a parallel residual,
+    /// whose MLP reads the layer's input (see [`ArchConfig::has_resid_mid`]).
+    pub fn mlp_residual(&self, layer: usize, mid: &Tensor) -> Result<Tensor> {
+        if self.cfg.parallel_residual {
+            return Err(Error::Internal(
+                "resid_mid of a parallel-residual layer feeds no MLP".into(),
+            ));
+        }
+        let l = self.layer(layer)?;
+        Ok((mid + l.mlp.forward(&l.mlp_norm.forward(mid)?)?)?)
+    }
+
+    /// resid_post of `layer` from its resid_pre and its attention output `attn` (as it joins the
+    /// residual stream), rows `[.., hidden]` at the same positions: lets a sweep patch attn_out, or
+    /// heads, without rerunning the rest of the layer's attention.
+    pub fn attn_residual(&self, layer: usize, pre: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let l = self.layer(layer)?;
+        let mid = (pre + attn)?;
+        let mlp_in = if self.cfg.parallel_residual { pre } else { &mid };
+        Ok((&mid + l.mlp.forward(&l.mlp_norm.forward(mlp_in)?)?)?)
     }
 
     /// Layer `layer`'s attention internals for a whole prompt from its resid_pre (`[1, seq, hidden]`):
     /// what head-level patching reads from the source run and the run it patches.
     pub fn head_activations(&self, layer: usize, resid_pre: &Tensor) -> Result<HeadActivations> {
-        let l = self
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::Internal(format!("layer {layer} out of range")))?;
+        let l = self.layer(layer)?;
         let seq = resid_pre.dim(1)?;
-        let mask = causal_mask(seq, 0, &self.device, self.dtype)?;
-        let (cos, sin) = self.rope(seq)?;
+        let mask = causal_mask(seq, 0, self.cfg.window(layer), &self.device, self.dtype)?;
+        let (cos, sin) = self.rope(layer, seq)?;
         let (cos, sin) = (cos.narrow(0, 0, seq)?, sin.narrow(0, 0, seq)?);
-        let normed = candle_nn::ops::rms_norm(resid_pre, &l.input_layernorm, self.cfg.rms_norm_eps as f32)?;
+        let normed = l.attn_norm.forward(resid_pre)?;
         let mut record = RecordHeads::default();
         let at = super::attention::At {
             layer,
@@ -344,7 +382,7 @@ impl Transformer {
             prefix: None,
             batch: 1,
         };
-        self.attention(&l.attn, &normed, &cos, &sin, mask.as_ref(), at, &mut record)?;
+        let (o, _) = self.attention(&l.attn, &normed, &cos, &sin, mask.as_ref(), at, &mut record)?;
         let take = |t: Option<Tensor>| t.ok_or_else(|| Error::Internal("an attention site was not visited".into()));
         let z = take(record.z)?; // [1, seq, heads * hd]
         Ok(HeadActivations {
@@ -355,16 +393,31 @@ impl Transformer {
             z: z.reshape((seq, self.cfg.num_heads, self.cfg.head_dim))?
                 .transpose(0, 1)?
                 .contiguous()?,
+            o: o.squeeze(0)?,
         })
     }
 
+    /// Attention of per-head queries `q` over keys and values `k`, `v` (each `[n, seq, head_dim]`,
+    /// a whole prompt from position 0) with layer `layer`'s scaling, softcap and window: the head
+    /// outputs, `[n, seq, head_dim]`.
+    pub fn attend_heads(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let seq = q.dim(1)?;
+        let scores = super::attention::softcap(
+            (q.matmul(&k.t()?.contiguous()?)? * self.cfg.attention_scale)?,
+            self.cfg.attn_softcap,
+        )?;
+        let scores = match causal_mask(seq, 0, self.cfg.window(layer), &self.device, self.dtype)? {
+            Some(mask) => scores.broadcast_add(&mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
+        Ok(probs.matmul(&v.contiguous()?)?)
+    }
+
     /// Layer `layer`'s o_proj weight split by head, `[heads, head_dim, hidden]`: head h's output
-    /// `z_h` (`[.., head_dim]`) adds `z_h · W[h]` to the attention output.
+    /// `z_h` (`[.., head_dim]`) adds `z_h · W[h]` to o_proj's output.
     pub fn o_proj_by_head(&self, layer: usize) -> Result<Tensor> {
-        let l = self
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::Internal(format!("layer {layer} out of range")))?;
+        let l = self.layer(layer)?;
         let (heads, hd) = (self.cfg.num_heads, self.cfg.head_dim);
         // weight: [hidden, heads * hd] → [heads, hd, hidden].
         Ok(l.attn
@@ -375,30 +428,43 @@ impl Transformer {
             .contiguous()?)
     }
 
-    /// RoPE cos/sin tables covering at least positions `0..positions` (more rows are fine: callers
-    /// narrow or index them), built once and grown as prompts need.
-    pub(super) fn rope(&self, positions: usize) -> Result<(Tensor, Tensor)> {
+    /// RoPE cos/sin tables for `layer` (its kind's base) covering at least positions
+    /// `0..positions` (more rows are fine: callers narrow or index them), built once and grown as
+    /// prompts need.
+    pub(super) fn rope(&self, layer: usize, positions: usize) -> Result<(Tensor, Tensor)> {
+        let kind = self
+            .cfg
+            .layer_kinds
+            .get(layer)
+            .copied()
+            .unwrap_or(AttentionKind::Global);
+        let lock = &self.rope[kind as usize];
         let poisoned = || Error::Internal("the RoPE tables' lock is poisoned".into());
         {
-            let tables = self.rope.read().map_err(|_| poisoned())?;
+            let tables = lock.read().map_err(|_| poisoned())?;
             if tables.positions >= positions {
                 return Ok((tables.cos.clone(), tables.sin.clone()));
             }
         }
-        let mut tables = self.rope.write().map_err(|_| poisoned())?;
+        let mut tables = lock.write().map_err(|_| poisoned())?;
         if tables.positions < positions {
             let grown = positions
                 .next_power_of_two()
                 .min(self.cfg.max_position_embeddings.max(positions));
-            *tables = RopeTables::new(&self.cfg, grown, &self.device, self.dtype)?;
+            *tables = RopeTables::new(&self.cfg, kind, grown, &self.device, self.dtype)?;
         }
         Ok((tables.cos.clone(), tables.sin.clone()))
     }
 
-    /// Logits, `[rows, vocab]` f32, of last-layer residual streams `[rows, hidden]`: the final norm
-    /// and the unembedding.
+    /// Logits, `[rows, vocab]` f32, of last-layer residual streams `[rows, hidden]`: the final norm,
+    /// the unembedding and, for Gemma 2, the final softcap (the logit difference is taken after it,
+    /// as HF does).
     pub fn final_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let normed = candle_nn::ops::rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        self.unembed(&normed)
+        let normed = self.final_norm.forward(hidden)?;
+        let logits = self.unembed(&normed)?;
+        Ok(match self.cfg.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 }

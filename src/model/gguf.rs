@@ -37,8 +37,8 @@ impl GgufFile {
 
     /// Every tensor the decoder would read, by its HF name, with its shape (`[out, in]` as in HF
     /// checkpoints).
-    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        tensor_list(&self.content)
+    pub fn tensors(&self, family: Family) -> Vec<(String, Vec<usize>)> {
+        tensor_list(&self.content, family)
     }
 
     /// Whether the file has a separate unembedding (`output.weight`).
@@ -52,7 +52,7 @@ impl GgufFile {
         let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         names.sort();
         for name in names {
-            let Some(hf_name) = hf_name(&name) else {
+            let Some(hf_name) = hf_name(&name, cfg.family) else {
                 continue; // e.g. rope_freqs: derived from metadata instead
             };
             let q = self.content.tensor(&mut self.file, &name, &Device::Cpu).map_err(|e| {
@@ -76,6 +76,11 @@ impl GgufFile {
                 } else if hf_name.contains("self_attn.k_proj.") {
                     t = unpermute_rows(&t, cfg.num_kv_heads)?;
                 }
+            }
+            // llama.cpp's converter stores Gemma's norm weights as 1 + w; the decoder applies
+            // Gemma's (1 + w) itself, as HF does, so take the 1 back off.
+            if cfg.family.is_gemma() && hf_name.ends_with("norm.weight") {
+                t = (t - 1.0)?;
             }
             tensors.insert(hf_name, t.to_dtype(dtype)?.to_device(device)?);
         }
@@ -127,11 +132,11 @@ pub fn read_header<R: std::io::Read + std::io::Seek>(
 }
 
 /// A GGUF header's tensors the decoder would read, by their HF names, with their shapes.
-pub fn tensor_list(content: &gguf_file::Content) -> Vec<(String, Vec<usize>)> {
+pub fn tensor_list(content: &gguf_file::Content, family: Family) -> Vec<(String, Vec<usize>)> {
     content
         .tensor_infos
         .iter()
-        .filter_map(|(name, info)| Some((hf_name(name)?, info.shape.dims().to_vec())))
+        .filter_map(|(name, info)| Some((hf_name(name, family)?, info.shape.dims().to_vec())))
         .collect()
 }
 
@@ -242,8 +247,8 @@ fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
-/// GGUF tensor name → HF checkpoint name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name → HF checkpoint name of `family`.
+fn hf_name(gguf: &str, family: Family) -> Option<String> {
     let simple = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -264,6 +269,10 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "attn_norm" => "input_layernorm",
+        // Gemma: norms after attention and MLP, and its MLP's input norm is "pre-feedforward".
+        "post_attention_norm" if family.is_gemma() => "post_attention_layernorm",
+        "ffn_norm" if family.is_gemma() => "pre_feedforward_layernorm",
+        "post_ffw_norm" if family.is_gemma() => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
@@ -280,22 +289,34 @@ mod tests {
     #[test]
     fn gguf_names_map_to_hf_names() {
         assert_eq!(
-            hf_name("blk.3.attn_q.weight").as_deref(),
+            hf_name("blk.3.attn_q.weight", Family::Llama).as_deref(),
             Some("model.layers.3.self_attn.q_proj.weight")
         );
         assert_eq!(
-            hf_name("blk.0.ffn_down.weight").as_deref(),
+            hf_name("blk.0.ffn_down.weight", Family::Llama).as_deref(),
             Some("model.layers.0.mlp.down_proj.weight")
         );
         assert_eq!(
-            hf_name("blk.1.attn_k.bias").as_deref(),
+            hf_name("blk.1.attn_k.bias", Family::Llama).as_deref(),
             Some("model.layers.1.self_attn.k_proj.bias")
         );
         assert_eq!(
-            hf_name("token_embd.weight").as_deref(),
+            hf_name("token_embd.weight", Family::Llama).as_deref(),
             Some("model.embed_tokens.weight")
         );
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight", Family::Llama), None);
+        assert_eq!(
+            hf_name("blk.2.ffn_norm.weight", Family::Gemma3).as_deref(),
+            Some("model.layers.2.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("blk.2.ffn_norm.weight", Family::Llama).as_deref(),
+            Some("model.layers.2.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.post_ffw_norm.weight", Family::Gemma3).as_deref(),
+            Some("model.layers.0.post_feedforward_layernorm.weight")
+        );
     }
 
     #[test]

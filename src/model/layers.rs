@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::config::{ArchConfig, RopeScaling};
+use super::config::{Activation, ArchConfig, NormKind, RopeScaling};
 use super::kernels::fused::swiglu;
 use super::kernels::skinny::linear as linear_fwd;
 use crate::error::Result;
@@ -17,32 +17,95 @@ pub(super) struct Attention {
     pub(super) q_proj: Linear,
     pub(super) kv_proj: Linear,
     pub(super) o_proj: Linear,
-    pub(super) q_norm: Option<Tensor>,
-    pub(super) k_norm: Option<Tensor>,
+    pub(super) q_norm: Option<Norm>,
+    pub(super) k_norm: Option<Norm>,
+    /// Gemma's norm on the attention output before it joins the residual stream.
+    pub(super) post_norm: Option<Norm>,
 }
 
-pub(super) struct Mlp {
-    pub(super) gate_proj: Linear,
-    pub(super) up_proj: Linear,
-    pub(super) down_proj: Linear,
+/// A normalisation layer: RMSNorm (Gemma's `1 + w` folded into the weight at load) or LayerNorm.
+pub(super) enum Norm {
+    Rms { weight: Tensor, eps: f32 },
+    Layer { weight: Tensor, bias: Tensor, eps: f32 },
 }
 
-impl Mlp {
-    /// The MLP block's output for the residual stream `mid` (post-attention norm included).
-    pub(super) fn forward(&self, mid: &Tensor, norm: &Tensor, eps: f32) -> Result<Tensor> {
-        let normed = candle_nn::ops::rms_norm(mid, norm, eps)?;
-        let gated = swiglu(
-            &linear_fwd(&self.gate_proj, &normed)?,
-            &linear_fwd(&self.up_proj, &normed)?,
-        )?;
-        linear_fwd(&self.down_proj, &gated)
+impl Norm {
+    /// Loads the norm `vb` points at (`weight`, and `bias` for LayerNorm), of width `dim`.
+    pub(super) fn load(cfg: &ArchConfig, dim: usize, vb: VarBuilder) -> Result<Self> {
+        let eps = cfg.norm_eps as f32;
+        Ok(match cfg.norm {
+            NormKind::Rms => Norm::Rms {
+                weight: vb.get(dim, "weight")?,
+                eps,
+            },
+            // HF computes (1 + w) in f32 whatever the model's dtype.
+            NormKind::RmsOffset => {
+                let w = vb.get(dim, "weight")?;
+                let dtype = w.dtype();
+                Norm::Rms {
+                    weight: (w.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?,
+                    eps,
+                }
+            }
+            NormKind::Layer => Norm::Layer {
+                weight: vb.get(dim, "weight")?,
+                bias: vb.get(dim, "bias")?,
+                eps,
+            },
+        })
+    }
+
+    /// The norm over the last dimension of `x`.
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(x, weight, *eps)?,
+            Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(x, weight, bias, *eps)?,
+        })
     }
 }
 
+pub(super) struct Mlp {
+    /// The gate of a gated MLP (`act(gate) · up`); `None` for a plain `act(up)` MLP.
+    pub(super) gate_proj: Option<Linear>,
+    pub(super) up_proj: Linear,
+    pub(super) down_proj: Linear,
+    pub(super) activation: Activation,
+    /// Gemma's norm on the MLP output before it joins the residual stream.
+    pub(super) post_norm: Option<Norm>,
+}
+
+impl Mlp {
+    /// The MLP block's output for its normed input.
+    pub(super) fn forward(&self, normed: &Tensor) -> Result<Tensor> {
+        let up = linear_fwd(&self.up_proj, normed)?;
+        let hidden = match (&self.gate_proj, self.activation) {
+            (Some(gate), Activation::Silu) => swiglu(&linear_fwd(gate, normed)?, &up)?,
+            (Some(gate), act) => (activate(&linear_fwd(gate, normed)?, act)? * up)?,
+            (None, act) => activate(&up, act)?,
+        };
+        let out = linear_fwd(&self.down_proj, &hidden)?;
+        match &self.post_norm {
+            Some(norm) => norm.forward(&out),
+            None => Ok(out),
+        }
+    }
+}
+
+/// `act(x)`.
+fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Silu => candle_nn::ops::silu(x)?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Gelu => x.gelu_erf()?,
+    })
+}
+
 pub(super) struct Layer {
-    pub(super) input_layernorm: Tensor,
+    /// The norm before attention (`input_layernorm`, GPT-2's `ln_1`).
+    pub(super) attn_norm: Norm,
     pub(super) attn: Attention,
-    pub(super) post_attention_layernorm: Tensor,
+    /// The norm before the MLP (`post_attention_layernorm`; Gemma's `pre_feedforward_layernorm`).
+    pub(super) mlp_norm: Norm,
     pub(super) mlp: Mlp,
 }
 
@@ -93,25 +156,73 @@ pub(super) fn rows_of(linear: &Linear, start: usize, len: usize) -> Result<Linea
     ))
 }
 
-/// Additive causal mask `[seq, offset + seq]` for queries at positions `offset..offset+seq`;
-/// `None` when nothing needs masking (a single query sees everything before it).
-pub(super) fn causal_mask(seq: usize, offset: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
-    if seq <= 1 {
+/// Additive causal mask `[seq, offset + seq]` for queries at positions `offset..offset+seq`, hiding
+/// keys more than `window − 1` positions back when the layer slides; `None` when nothing needs
+/// masking (a single query that sees everything before it).
+pub(super) fn causal_mask(
+    seq: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let total = offset + seq;
+    if seq <= 1 && window.is_none_or(|w| w >= total) {
         return Ok(None);
     }
-    let total = offset + seq;
     let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if visible(offset + i, j, window) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Some(Tensor::from_vec(mask, (seq, total), device)?.to_dtype(dtype)?))
 }
 
-/// RoPE cos/sin tables `[positions, head_dim / 2]` for the half-split rotation HF uses.
-pub(super) fn rope_tables(cfg: &ArchConfig, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let dim = cfg.head_dim;
+/// Whether a query at position `query` sees the key at position `key`: causally, and within the
+/// last `window` positions (itself included) when the layer slides, as HF's sliding-window masks.
+pub(super) fn visible(query: usize, key: usize, window: Option<usize>) -> bool {
+    key <= query && window.is_none_or(|w| key + w > query)
+}
+
+/// RoPE on the first `rotary_dim` dimensions of each head of `x` (the last dimension); the rest
+/// pass through (GPT-NeoX's partial rotary). `rope` rotates a contiguous tensor.
+pub(super) fn rotate_partial(
+    x: &Tensor,
+    rotary_dim: usize,
+    rope: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    let hd = x.dim(last)?;
+    if rotary_dim == 0 {
+        return Ok(x.clone());
+    }
+    if rotary_dim == hd {
+        return rope(&x.contiguous()?);
+    }
+    let rotated = rope(&x.narrow(last, 0, rotary_dim)?.contiguous()?)?;
+    let kept = x.narrow(last, rotary_dim, hd - rotary_dim)?;
+    Ok(Tensor::cat(&[&rotated, &kept], last)?.contiguous()?)
+}
+
+/// RoPE cos/sin tables `[positions, rotary_dim / 2]` for the half-split rotation HF uses, with base
+/// `theta` and `scaling`.
+pub(super) fn rope_tables(
+    rotary_dim: usize,
+    theta: f64,
+    scaling: &RopeScaling,
+    positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let dim = rotary_dim.max(2);
     let inv_freq: Vec<f64> = (0..dim / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim as f64))
-        .map(|f| scale_frequency(f, &cfg.rope_scaling))
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64))
+        .map(|f| scale_frequency(f, scaling))
         .collect();
     let positions = positions.max(1);
     let mut cos = Vec::with_capacity(positions * dim / 2);

@@ -7,37 +7,71 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{ArchConfig, Family, RopeScaling};
+use super::config::{Activation, ArchConfig, AttentionKind, Family};
 use super::decoder::Transformer;
+pub use super::families::tensor_shapes;
 use super::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
 
 /// The shapes [`build`] knows, by the name used on the command line.
-pub const SHAPES: &[&str] = &["qwen3-0.6b"];
+pub const SHAPES: &[&str] = &["qwen3-0.6b", "gpt2-small", "pythia-160m", "gemma3-270m"];
 
-/// The architecture of a known shape ("qwen3-0.6b": Qwen/Qwen3-0.6B's config.json).
+/// The architecture of a known shape, as its published config.json describes it.
 pub fn shape(name: &str) -> Result<ArchConfig> {
-    match name.trim().to_ascii_lowercase().as_str() {
-        "qwen3-0.6b" => Ok(ArchConfig {
-            family: Family::Qwen3,
-            vocab_size: 151_936,
-            hidden_size: 1024,
-            intermediate_size: 3072,
-            num_layers: 28,
-            num_heads: 16,
-            num_kv_heads: 8,
-            head_dim: 128,
-            rms_norm_eps: 1e-6,
+    let mut cfg = match name.trim().to_ascii_lowercase().as_str() {
+        // Qwen/Qwen3-0.6B.
+        "qwen3-0.6b" => ArchConfig {
             rope_theta: 1_000_000.0,
-            rope_scaling: RopeScaling::Default,
             max_position_embeddings: 40_960,
             tie_word_embeddings: true,
-        }),
-        other => Err(Error::Input(format!(
-            "unknown synthetic model '{other}': use one of {}",
-            SHAPES.join(", ")
-        ))),
-    }
+            ..ArchConfig::sized(Family::Qwen3, 151_936, 1024, 3072, 28, 16, 8, 128)
+        },
+        // openai-community/gpt2.
+        "gpt2-small" => ArchConfig {
+            norm_eps: 1e-5,
+            max_position_embeddings: 1024,
+            tie_word_embeddings: true,
+            ..ArchConfig::sized(Family::Gpt2, 50_257, 768, 3072, 12, 12, 12, 64)
+        },
+        // EleutherAI/pythia-160m: a quarter of each head rotates, parallel residual, untied.
+        "pythia-160m" => {
+            let mut cfg = ArchConfig {
+                norm_eps: 1e-5,
+                max_position_embeddings: 2048,
+                parallel_residual: true,
+                rotary_dim: 16,
+                ..ArchConfig::sized(Family::GptNeoX, 50_304, 768, 3072, 12, 12, 12, 64)
+            };
+            cfg.activation = Activation::Gelu;
+            cfg
+        }
+        // google/gemma-3-270m: every sixth layer global, the rest slide over 512 positions.
+        "gemma3-270m" => ArchConfig {
+            rope_theta: 1_000_000.0,
+            local_rope_theta: Some(10_000.0),
+            sliding_window: Some(512),
+            layer_kinds: (0..18)
+                .map(|l| {
+                    if (l + 1) % 6 == 0 {
+                        AttentionKind::Global
+                    } else {
+                        AttentionKind::Local
+                    }
+                })
+                .collect(),
+            max_position_embeddings: 32_768,
+            tie_word_embeddings: true,
+            ..ArchConfig::sized(Family::Gemma3, 262_144, 640, 2048, 18, 4, 1, 256)
+        },
+        other => {
+            return Err(Error::Input(format!(
+                "unknown synthetic model '{other}': use one of {}",
+                SHAPES.join(", ")
+            )));
+        }
+    };
+    cfg.apply_family_defaults();
+    Ok(cfg)
 }
 
 /// Builds a decoder with deterministic random weights (`seed`) and a numbering tokenizer.
@@ -57,48 +91,28 @@ pub fn build(cfg: &ArchConfig, seed: u64, device: &Device, dtype: DType) -> Resu
     Ok((transformer, TextTokenizer::numbered(cfg.vocab_size)?))
 }
 
-/// HF tensor names and shapes of a checkpoint with this architecture (the tests write their
-/// random-weight checkpoints from it too).
-pub fn tensor_shapes(cfg: &ArchConfig) -> Vec<(String, Vec<usize>)> {
-    let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![cfg.vocab_size, d])];
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
-        if cfg.family == Family::Qwen2 {
-            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
-            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
-            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
-        }
-        if cfg.qk_norm() {
-            out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
-            out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
-        }
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, d]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, d]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, i]));
-    }
-    out.push(("model.norm.weight".to_owned(), vec![d]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_owned(), vec![cfg.vocab_size, d]));
-    }
-    out
+/// The token embeddings' names, in every family's layout.
+pub const EMBEDDINGS: &[&str] = &[
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_in.weight",
+];
+
+/// Whether a 1-D tensor is a norm's weight (centred on 1 in random models).
+pub fn is_norm_weight(name: &str) -> bool {
+    ["norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight"]
+        .iter()
+        .any(|s| name.ends_with(s))
 }
 
 /// Deterministic values for one tensor: a splitmix64 stream seeded by the name and `seed`.
 fn random_values(name: &str, dims: &[usize], seed: u64) -> Vec<f32> {
     let numel: usize = dims.iter().product();
-    let (center, scale) = if dims.len() == 1 && name.ends_with("norm.weight") {
+    let (center, scale) = if dims.len() == 1 && is_norm_weight(name) {
         (1.0, 0.1)
     } else if dims.len() == 1 {
         (0.0, 0.1)
-    } else if name == "model.embed_tokens.weight" {
+    } else if EMBEDDINGS.contains(&name) {
         (0.0, 1.0)
     } else {
         (0.0, (3.0 / dims[1] as f32).sqrt())

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::config::ArchConfig;
-use super::synthetic::tensor_shapes;
+use super::families::{canonical_name, is_buffer, layer_prefix, tensor_shapes};
 use crate::error::{Error, Result, candle_text};
 
 /// The safetensors files of a checkpoint folder: the shards listed in
@@ -97,20 +97,20 @@ fn float_tensors(
 /// weights (Llama's `attention_bias`/`mlp_bias`), a tied model's `lm_head.weight` and RoPE's
 /// `inv_freq` buffers are allowed.
 pub fn check_checkpoint(cfg: &ArchConfig, present: &[(String, Vec<usize>)]) -> Result<()> {
+    let present: Vec<(String, Vec<usize>)> = present
+        .iter()
+        .filter(|(name, _)| !is_buffer(name))
+        .map(|(name, shape)| (canonical_name(cfg.family, name), shape.clone()))
+        .collect();
+    let prefix = layer_prefix(cfg.family);
     let layers_present = present
         .iter()
-        .filter_map(|(name, _)| {
-            name.strip_prefix("model.layers.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
+        .filter_map(|(name, _)| name.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
         .max()
         .map_or(0, |l| l + 1);
-    // Every layer has at least this many tensors (two norms, four attention and three MLP
-    // matrices): a configuration claiming more layers than the tensors could fill is refused before
-    // the expected list is built.
+    // Every family's layer has at least this many tensors (Llama's two norms, four attention and
+    // three MLP matrices; GPT-2's and NeoX's twelve with biases): a configuration claiming more
+    // layers than the tensors could fill is refused before the expected list is built.
     const TENSORS_PER_LAYER: usize = 9;
     if cfg.num_layers > present.len() / TENSORS_PER_LAYER {
         return Err(Error::ModelConfig(format!(

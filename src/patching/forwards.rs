@@ -34,8 +34,9 @@ pub(super) fn patched_stream(
         Component::MlpOut => (mid + source)?,
         // The layer's MLP runs on the patched resid_mid.
         Component::ResidMid => model.transformer.mlp_residual(layer, &source)?,
-        // resid_mid = resid_pre + attn_out; the layer's MLP then runs on it.
-        Component::AttnOut => model.transformer.mlp_residual(layer, &(pre + source)?)?,
+        // resid_mid = resid_pre + attn_out; the layer's MLP then runs on it (or, with a parallel
+        // residual, on resid_pre as before).
+        Component::AttnOut => model.transformer.attn_residual(layer, &pre, &source)?,
         other => return Err(Error::Internal(format!("{other} has no residual-stream patch"))),
     })
 }
@@ -147,20 +148,23 @@ impl Sweep<'_> {
         })
     }
 
-    /// The cones of head cells: each layer's patched resid_mid rows through its MLP in one pass,
-    /// then the target run's stream after them.
+    /// The cones of head cells: each layer's patched attention output rows through the rest of
+    /// the layer in one pass, then the target run's stream after them.
     fn head_cones(&self, block: &[CellAt], heads: &mut HeadPatcher) -> Result<Vec<Cone>> {
         let t = &self.model.transformer;
         let mut cones = Vec::with_capacity(block.len());
         // Block cells are in layer order: one MLP pass per run of cells of one layer.
         for run in block.chunk_by(|a, b| a.layer == b.layer) {
             let layer = run[0].layer;
-            let mids = run
+            let outs = run.iter().map(|&at| heads.patched_o(at)).collect::<Result<Vec<_>>>()?;
+            let lens: Vec<usize> = outs.iter().map(|m| m.dim(0)).collect::<candle_core::Result<_>>()?;
+            let pres = run
                 .iter()
-                .map(|&at| heads.patched_mid(at))
+                .zip(&lens)
+                .map(|(&at, &len)| Ok(self.target_stream[layer].narrow(0, heads.offset(at), len)?))
                 .collect::<Result<Vec<_>>>()?;
-            let lens: Vec<usize> = mids.iter().map(|m| m.dim(0)).collect::<candle_core::Result<_>>()?;
-            let posts = t.mlp_residual(layer, &Tensor::cat(&mids, 0)?)?;
+            let attn = t.attn_post(layer, Tensor::cat(&outs, 0)?)?;
+            let posts = t.attn_residual(layer, &Tensor::cat(&pres, 0)?, &attn)?;
             let mut row = 0;
             for (&at, &len) in run.iter().zip(&lens) {
                 let offset = heads.offset(at);

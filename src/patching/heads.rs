@@ -1,12 +1,13 @@
 //! The fast schedule's head cells: a patched query, key, value, pattern or head output at layer L
 //! changes only layer L's attention output, and only at the positions it reaches. So a cell's
 //! cone starts at layer L + 1 from layer L's resid_post, recomputed where the attention output
-//! changed: `resid_mid + Σ_h (z'_h − z_h) · W_O[h]`, then the layer's MLP.
+//! changed: o_proj's output becomes `o + Σ_h (z'_h − z_h) · W_O[h]`, then (Gemma) the
+//! post-attention norm, the residual add and the layer's MLP.
 //!
 //! Per layer, both runs' attention internals are computed once ([`Transformer::head_activations`])
 //! and kept while the schedule works through that layer's cells (late layers first).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::Component;
 use super::layout::CellAt;
@@ -20,8 +21,6 @@ struct LayerHeads {
     target: HeadActivations,
     /// o_proj split by head, `[heads, head_dim, hidden]`.
     w_o: Tensor,
-    /// The causal mask of the prompts' length, `[seq, seq]`.
-    mask: Tensor,
     /// head_out, head_q, head_pattern: the change in the attention output when head h's component
     /// is patched at every position, `[heads, seq, hidden]`; a by-position cell takes one row.
     delta: Option<Tensor>,
@@ -34,27 +33,8 @@ pub(super) struct HeadPatcher<'a> {
     /// Each layer's resid_pre in the source and target runs, `[seq, hidden]`.
     source_pre: &'a [Tensor],
     target_pre: &'a [Tensor],
-    /// The target run's resid_mid per layer, `[seq, hidden]`.
-    target_mid: &'a [Tensor],
     first_diff: usize,
     current: Option<LayerHeads>,
-}
-
-/// `[seq, seq]` additive causal mask.
-fn causal(seq: usize, t: &Transformer) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (seq, seq), t.device())?.to_dtype(t.dtype())?)
-}
-
-/// Causal attention of `q` (`[n, seq, hd]`) over `k`, `v` (`[n, seq, hd]`, one per query head);
-/// `mask` is [`causal`]'s.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, t: &Transformer) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(2)? as f64).sqrt();
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(t.dtype())?;
-    Ok(probs.matmul(&v.contiguous()?)?)
 }
 
 /// Key/value heads `[kv_heads, seq, hd]` repeated for their query heads, `[heads, seq, hd]`.
@@ -79,7 +59,6 @@ impl<'a> HeadPatcher<'a> {
         component: Component,
         source_pre: &'a [Tensor],
         target_pre: &'a [Tensor],
-        target_mid: &'a [Tensor],
         first_diff: usize,
     ) -> Self {
         Self {
@@ -87,7 +66,6 @@ impl<'a> HeadPatcher<'a> {
             component,
             source_pre,
             target_pre,
-            target_mid,
             first_diff,
             current: None,
         }
@@ -108,15 +86,13 @@ impl<'a> HeadPatcher<'a> {
             let target = t.head_activations(layer, &self.target_pre[layer].unsqueeze(0)?)?;
             let w_o = t.o_proj_by_head(layer)?;
             let heads = t.config().num_heads;
-            let mask = causal(source.q.dim(1)?, t)?;
             let patched_z = match self.component {
                 Component::HeadOut => Some(source.z.clone()),
-                Component::HeadQ => Some(attend(
+                Component::HeadQ => Some(t.attend_heads(
+                    layer,
                     &source.q,
                     &per_query_head(&target.k, heads)?,
                     &per_query_head(&target.v, heads)?,
-                    &mask,
-                    t,
                 )?),
                 Component::HeadPattern => Some(
                     source
@@ -131,7 +107,6 @@ impl<'a> HeadPatcher<'a> {
                 source,
                 target,
                 w_o,
-                mask,
                 delta,
             });
         }
@@ -140,19 +115,19 @@ impl<'a> HeadPatcher<'a> {
             .ok_or_else(|| Error::Internal("no head layer computed".into()))
     }
 
-    /// The target run's resid_mid at positions `offset(at)..` with the cell's patch applied:
+    /// The target run's o_proj output at positions `offset(at)..` with the cell's patch applied:
     /// `[seq − offset, hidden]` for patches whose effect reaches every later position (keys,
     /// values, every-position patches), `[1, hidden]` for one position's query, pattern or output.
-    pub(super) fn patched_mid(&mut self, at: CellAt) -> Result<Tensor> {
+    pub(super) fn patched_o(&mut self, at: CellAt) -> Result<Tensor> {
         let (Some(head), offset) = (at.head, self.offset(at)) else {
             return Err(Error::Internal(format!("a head cell without a head: {at:?}")));
         };
         let component = self.component;
-        let target_mid = self.target_mid[at.layer].clone();
         let t = self.t;
         let heads = t.config().num_heads;
         let data = self.layer(at.layer)?;
-        let seq = target_mid.dim(0)?;
+        let target_o = data.target.o.clone();
+        let seq = target_o.dim(0)?;
         let change = if let Some(delta) = &data.delta {
             let rows = if at.position.is_some() { 1 } else { seq - offset };
             delta.get(head)?.narrow(0, offset, rows)?
@@ -178,13 +153,13 @@ impl<'a> HeadPatcher<'a> {
             let hd = k.dim(1)?;
             let expand = |x: &Tensor| x.unsqueeze(0)?.broadcast_as((rep, seq, hd));
             let q = data.target.q.narrow(0, head * rep, rep)?;
-            let z = attend(&q, &expand(&k)?, &expand(&v)?, &data.mask, t)?;
+            let z = t.attend_heads(at.layer, &q, &expand(&k)?, &expand(&v)?)?;
             let dz = (z - data.target.z.narrow(0, head * rep, rep)?)?;
             through_o_proj(&dz, &data.w_o.narrow(0, head * rep, rep)?.contiguous()?)?
                 .sum(0)?
                 .narrow(0, offset, seq - offset)?
         };
         let rows = change.dim(0)?;
-        Ok((target_mid.narrow(0, offset, rows)? + change)?)
+        Ok((target_o.narrow(0, offset, rows)? + change)?)
     }
 }

@@ -28,7 +28,6 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::Direction;
 use super::cost::CostModel;
 use super::forwards::{patched_stream, residual_sites};
 use super::heads::HeadPatcher;
@@ -40,6 +39,7 @@ use super::progress::{SweepEvent, reporting_attempt};
 use super::request::{SweepRequest, TokenSweepRequest, ValidRequest};
 use super::result::{Baseline, Cell, ForwardTiming, ModelRecord, SweepResult};
 use super::schedule::{BlockRun, Schedule, run_blocks};
+use super::{Component, Direction};
 use crate::error::{Error, Result};
 use crate::model::{LayerKv, Model, Site};
 
@@ -137,6 +137,13 @@ impl<'m> Sweep<'m> {
         if component.has_heads() && (cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.head_dim == 0) {
             return Err(Error::Input(format!(
                 "{component} patches attention heads, but this model's config gives no head counts"
+            )));
+        }
+        if component == Component::ResidMid && !cfg.has_resid_mid() {
+            return Err(Error::Input(format!(
+                "{} has a parallel residual: attention and MLP both read the layer's input, so nothing \
+                 reads the residual stream between them. Patch attn_out or resid_pre instead",
+                cfg.family.hf_class()
             )));
         }
         let layout = Layout::for_model(component, request.by_position, cfg, seq);
@@ -329,7 +336,6 @@ impl<'m> Sweep<'m> {
             self.layout.component,
             &self.source_stream,
             &self.target_stream,
-            &self.target_mid,
             self.first_diff,
         ));
         let run = match naive_setup.and(starts) {

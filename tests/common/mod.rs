@@ -78,11 +78,11 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 /// The deterministic value of every element of a tensor (see the reference JSON's `weights`).
 pub fn weight_values(name: &str, shape: &[usize]) -> Vec<f32> {
     let numel: usize = shape.iter().product();
-    let (center, scale) = if shape.len() == 1 && name.ends_with("norm.weight") {
+    let (center, scale) = if shape.len() == 1 && patchbay::model::synthetic::is_norm_weight(name) {
         (1.0, 0.1)
     } else if shape.len() == 1 && name.ends_with(".bias") {
         (0.0, 0.1)
-    } else if name == "model.embed_tokens.weight" {
+    } else if patchbay::model::synthetic::EMBEDDINGS.contains(&name) {
         (0.0, 1.0)
     } else {
         (0.0, (3.0 / shape[1] as f64).sqrt())
@@ -115,21 +115,11 @@ pub fn write_tiny_model(dir: &Path, config: &serde_json::Value) -> HashMap<Strin
 
 /// The architecture the fuzz corpus's safetensors seed is shaped for: one Qwen3 layer, hidden size 4.
 pub fn fuzz_arch() -> ArchConfig {
-    use patchbay::model::config::{Family, RopeScaling};
+    use patchbay::model::config::Family;
     ArchConfig {
-        family: Family::Qwen3,
-        vocab_size: 6,
-        hidden_size: 4,
-        intermediate_size: 8,
-        num_layers: 1,
-        num_heads: 2,
-        num_kv_heads: 1,
-        head_dim: 2,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: RopeScaling::Default,
         max_position_embeddings: 64,
         tie_word_embeddings: true,
+        ..ArchConfig::sized(Family::Qwen3, 6, 4, 8, 1, 2, 1, 2)
     }
 }
 

@@ -4,7 +4,9 @@
 use std::sync::atomic::AtomicBool;
 
 use super::{TempDir, fixture_json, ids, load_folder, tiny_request, write_tiny_model};
-use patchbay::patching::{Component, Schedule, Sweep, SweepOptions};
+use patchbay::model::Model;
+use patchbay::patching::result::SweepResult;
+use patchbay::patching::{Component, Metric, Schedule, Sweep, SweepOptions, SweepRequest};
 
 /// f32 on different kernels: logits agree to ~1e-5; leave headroom.
 pub const LOGIT_TOLERANCE: f64 = 2e-4;
@@ -123,4 +125,96 @@ pub fn entry(name: &str) -> serde_json::Value {
         .find(|m| m["name"] == name)
         .unwrap_or_else(|| panic!("no reference for {name}"))
         .clone()
+}
+
+/// The reference's nested arrays, flat (row-major), nulls as `None`.
+pub fn flat(v: &serde_json::Value, out: &mut Vec<Option<f64>>) {
+    match v {
+        serde_json::Value::Array(items) => items.iter().for_each(|i| flat(i, out)),
+        other => out.push(other.as_f64()),
+    }
+}
+
+pub fn component(name: &str) -> Component {
+    serde_json::from_value(serde_json::Value::String(name.into())).expect("a component Patchbay knows")
+}
+
+/// Sweeps what one reference entry describes and compares every cell it has.
+pub fn check_sweep(
+    model: &Model,
+    base: SweepRequest,
+    entry: &serde_json::Value,
+    reference: &serde_json::Value,
+    what: &str,
+    schedule: Schedule,
+) {
+    let comp = component(entry["component"].as_str().unwrap());
+    let request = SweepRequest {
+        component: comp,
+        direction: serde_json::from_value(entry["direction"].clone()).unwrap(),
+        by_position: comp.has_heads() && entry["by_position"].as_bool().unwrap(),
+        ..base
+    };
+    let what = format!(
+        "{what} {} by_position={} {} ({} schedule)",
+        request.component,
+        request.by_position,
+        request.direction,
+        schedule.name()
+    );
+    let result: SweepResult = Sweep::prepare(model, &request, 5)
+        .unwrap()
+        .run(
+            &SweepOptions {
+                schedule,
+                ..SweepOptions::default()
+            },
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+    let shape: Vec<usize> = serde_json::from_value(entry["shape"].clone()).unwrap();
+    assert_eq!(result.shape, shape, "{what}: shape");
+    let mut expected = Vec::new();
+    flat(&entry["patched_logit_diff"], &mut expected);
+    let mut compared = 0;
+    for (i, want) in expected.iter().enumerate() {
+        let Some(want) = want else { continue };
+        let got = result.patched_logit_diff.flat()[i].expect("computed");
+        assert!(
+            (got - want).abs() <= LOGIT_TOLERANCE,
+            "{what}: cell {:?} {got} vs HF {want}",
+            result.layout().at(i)
+        );
+        compared += 1;
+    }
+    assert!(compared > 0, "{what}: nothing compared");
+    // The metrics, where the reference has them. The normalized metric divides by the clean −
+    // corrupted gap, which magnifies the raw tolerance; rank is a count and must match exactly
+    // except where two logits tie within the tolerance.
+    let gap =
+        (reference["clean_logit_diff"].as_f64().unwrap() - reference["corrupted_logit_diff"].as_f64().unwrap()).abs();
+    let Some(metrics) = entry["metrics"].as_object() else {
+        return;
+    };
+    for (name, values) in metrics {
+        let metric: Metric = serde_json::from_value(serde_json::Value::String(name.clone())).unwrap();
+        let tolerance = match metric {
+            Metric::Normalized => 2.0 * LOGIT_TOLERANCE / gap.max(1e-9),
+            Metric::Rank => 0.0,
+            _ => LOGIT_TOLERANCE,
+        };
+        let mut expected = Vec::new();
+        flat(values, &mut expected);
+        for (i, want) in expected.iter().enumerate() {
+            let (Some(want), Some(got)) = (want, result.metric_at(metric, i)) else {
+                continue;
+            };
+            assert!(
+                (got - want).abs() <= tolerance,
+                "{what}: {metric} at {:?}: {got} vs HF {want}",
+                result.layout().at(i)
+            );
+        }
+    }
 }
