@@ -17,6 +17,7 @@ fn request(clean: &str, corrupted: &str, correct: &str, incorrect: &str) -> Swee
         component: Component::ResidPost,
         direction: Default::default(),
         by_position: false,
+        prepend_bos: false,
     }
 }
 
@@ -120,11 +121,14 @@ fn missing_and_corrupt_model_files_are_reported_with_their_path() {
 
     // Unsupported architecture.
     let mut config = reference["models"][0]["config"].clone();
-    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    config["architectures"] = serde_json::json!(["MambaForCausalLM"]);
     std::fs::write(model_dir.join("config.json"), config.to_string()).unwrap();
     let msg = load_error(ModelSource::Folder(model_dir.clone()));
     assert!(
-        msg.contains("GPT2LMHeadModel") && msg.contains("Qwen3ForCausalLM") && msg.contains("LlamaForCausalLM"),
+        msg.contains("MambaForCausalLM")
+            && msg.contains("Qwen3ForCausalLM")
+            && msg.contains("GPT2LMHeadModel")
+            && msg.contains("Gemma3ForCausalLM"),
         "{msg}"
     );
 
@@ -184,8 +188,16 @@ fn strict_loaders_refuse_what_they_do_not_understand() {
         msg.contains("'rope_theta'") && msg.contains("invalid type: string"),
         "{msg}"
     );
-    let msg = refusal("gelu", &|c| c["hidden_act"] = "gelu".into());
-    assert!(msg.contains("hidden_act is 'gelu'"), "{msg}");
+    let msg = refusal("relu2", &|c| c["hidden_act"] = "relu2".into());
+    assert!(msg.contains("hidden_act is 'relu2'") && msg.contains("gelu"), "{msg}");
+    // A family's field that is missing is named.
+    let msg = refusal("gemma-window", &|c| {
+        c["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+        c["model_type"] = "gemma3_text".into();
+        c["layer_types"] = serde_json::json!(["sliding_attention", "sliding_attention", "full_attention"]);
+        c.as_object_mut().unwrap().remove("sliding_window");
+    });
+    assert!(msg.contains("'sliding_window'"), "{msg}");
     let msg = refusal("sliding", &|c| c["use_sliding_window"] = true.into());
     assert!(msg.contains("sliding-window"), "{msg}");
     let msg = refusal("yarn", &|c| {

@@ -21,6 +21,7 @@ fn ioi_request(component: Component) -> SweepRequest {
         component,
         direction: Default::default(),
         by_position: false,
+        prepend_bos: false,
     }
 }
 

@@ -160,6 +160,15 @@ impl PatchbayApp {
         });
     }
 
+    /// Whether prompts get the model's BOS on request: asked for, and the model has one.
+    pub fn prepend_bos(&self) -> bool {
+        self.settings.prepend_bos
+            && self
+                .model
+                .as_ref()
+                .is_some_and(|m| m.tokenizer.bos().is_some() && !m.tokenizer.adds_bos())
+    }
+
     /// Starts a sweep with the current prompts (cancelling a running one).
     pub fn run_sweep(&mut self) {
         self.sweep_error = None;
@@ -171,6 +180,7 @@ impl PatchbayApp {
             component: self.settings.component,
             direction: self.settings.direction,
             by_position: self.settings.by_position && self.settings.component.has_heads(),
+            prepend_bos: self.prepend_bos(),
         };
         if !self.worker.send(Command::RunSweep {
             request,
@@ -190,6 +200,7 @@ impl PatchbayApp {
             || s.component != result.component
             || s.direction != result.direction
             || (s.by_position && s.component.has_heads()) != result.by_position
+            || self.prepend_bos() != result.prepend_bos
     }
 
     /// Asks a running sweep to stop; finished cells stay.

@@ -115,18 +115,20 @@ impl PatchbayApp {
     fn prompt_editors(&mut self, ui: &mut Ui, tokenizer: Option<&Arc<TextTokenizer>>) -> bool {
         let before = (self.settings.clean.clone(), self.settings.corrupted.clone());
 
+        let bos = Some(self.prepend_bos());
         prompt_editor(ui, "Clean prompt", "clean", &mut self.settings.clean);
         if let Some(t) = tokenizer {
             // Both first: each row's chips mark where it differs from the other prompt.
-            self.clean_tokens.update(&self.settings.clean, t, true);
-            self.corrupted_tokens.update(&self.settings.corrupted, t, true);
+            self.clean_tokens.update(&self.settings.clean, t, bos);
+            self.corrupted_tokens.update(&self.settings.corrupted, t, bos);
             chip_row(ui, "clean", &self.clean_tokens, &self.corrupted_tokens);
         }
         prompt_editor(ui, "Corrupted prompt", "corrupted", &mut self.settings.corrupted);
         if let Some(t) = tokenizer {
-            self.corrupted_tokens.update(&self.settings.corrupted, t, true);
+            self.corrupted_tokens.update(&self.settings.corrupted, t, bos);
             chip_row(ui, "corrupted", &self.corrupted_tokens, &self.clean_tokens);
         }
+        bos_toggle(ui, &mut self.settings.prepend_bos, tokenizer.map(|t| t.as_ref()));
         if (self.settings.clean.clone(), self.settings.corrupted.clone()) != before {
             self.settings.preset = None;
         }
@@ -176,7 +178,7 @@ impl PatchbayApp {
                         } else {
                             &mut self.incorrect_tokens
                         };
-                        tokens.update(field, t, false);
+                        tokens.update(field, t, None);
                         answers_ok &= answer_status(ui, tokens);
                     }
                     if let Some((clean_top, corrupted_top)) = &suggestions {
@@ -373,20 +375,24 @@ pub(super) struct Tokens {
     ids: Vec<u32>,
     tokens: Vec<String>,
     error: Option<String>,
+    /// How `text` was encoded (see [`Tokens::update`]).
+    prompt: Option<bool>,
 }
 
 impl Tokens {
-    pub(super) fn update(&mut self, text: &str, tokenizer: &Arc<TextTokenizer>, prompt: bool) {
+    /// Tokenizes `text` as a prompt (`Some(prepend_bos)`) or as an answer (`None`), unless it
+    /// already is.
+    pub(super) fn update(&mut self, text: &str, tokenizer: &Arc<TextTokenizer>, prompt: Option<bool>) {
         let key = Arc::as_ptr(tokenizer) as usize;
-        if self.text == text && self.tokenizer == key {
+        if self.text == text && self.tokenizer == key && self.prompt == prompt {
             return;
         }
         self.text = text.to_owned();
         self.tokenizer = key;
-        let ids = if prompt {
-            tokenizer.encode_prompt(text)
-        } else {
-            tokenizer.encode_plain(text)
+        self.prompt = prompt;
+        let ids = match prompt {
+            Some(prepend_bos) => tokenizer.encode_prompt_with(text, prepend_bos),
+            None => tokenizer.encode_plain(text),
         };
         match ids {
             Ok(ids) => {
@@ -401,6 +407,23 @@ impl Tokens {
             }
         }
     }
+}
+
+/// "Prepend BOS": for tokenizers that add none (GPT-2), the model's BOS before both prompts, as
+/// TransformerLens does by default. Off matches HF; shown as position 0 in the chips when on.
+fn bos_toggle(ui: &mut Ui, prepend_bos: &mut bool, tokenizer: Option<&TextTokenizer>) {
+    let (enabled, why) = match tokenizer {
+        None => (false, "Load a model first"),
+        Some(t) if t.adds_bos() => (false, "This model's tokenizer already puts its BOS at position 0"),
+        Some(t) if t.bos().is_none() => (false, "This model names no BOS token"),
+        Some(_) => (true, ""),
+    };
+    ui.add_enabled(enabled, egui::Checkbox::new(prepend_bos, "Prepend BOS"))
+        .on_hover_text(
+            "Put the model's BOS token before both prompts. GPT-2's tokenizer adds none (HF's default, and \
+             Patchbay's); TransformerLens prepends one by default. The choice is recorded in saved results.",
+        )
+        .on_disabled_hover_text(why);
 }
 
 /// A titled prompt editor. A long prompt scrolls inside it rather than pushing Run out of the panel.

@@ -28,6 +28,8 @@ pub struct Settings {
     /// Head components: one cell per (layer, position, head).
     pub by_position: bool,
     pub direction: Direction,
+    /// Put the model's BOS before the prompts where its tokenizer adds none (GPT-2).
+    pub prepend_bos: bool,
     /// The metric the heatmap shows (every metric is computed; switching redraws).
     pub metric: Metric,
     pub preset: Option<String>,
@@ -52,6 +54,7 @@ impl Default for Settings {
             component: Component::ResidPost,
             by_position: false,
             direction: Direction::Denoising,
+            prepend_bos: false,
             metric: Metric::Normalized,
             preset: None,
             auto_range: false,
@@ -109,6 +112,7 @@ pub struct Overrides {
     pub component: Option<Component>,
     pub by_position: Option<bool>,
     pub direction: Option<Direction>,
+    pub prepend_bos: Option<bool>,
     pub metric: Option<Metric>,
     pub device: Option<DeviceChoice>,
     pub dtype: Option<DtypeChoice>,
@@ -138,6 +142,9 @@ impl Overrides {
         }
         if let Some(d) = self.direction {
             settings.direction = d;
+        }
+        if let Some(b) = self.prepend_bos {
+            settings.prepend_bos = b;
         }
         if let Some(m) = self.metric {
             settings.metric = m;

@@ -184,6 +184,7 @@ impl Bench<'_> {
                 component: args.patch.component,
                 direction: args.patch.direction,
                 by_position: args.patch.by_position,
+                prepend_bos: args.patch.prepend_bos,
             };
             return Sweep::prepare(model, &request, DEFAULT_TOP_K);
         }

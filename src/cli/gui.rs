@@ -42,6 +42,9 @@ pub struct GuiArgs {
     /// denoising or noising.
     #[arg(long, value_enum)]
     pub direction: Option<Direction>,
+    /// Put the model's BOS before both prompts where its tokenizer adds none (GPT-2).
+    #[arg(long)]
+    pub prepend_bos: bool,
     /// The metric the heatmap shows.
     #[arg(long, value_enum)]
     pub metric: Option<Metric>,
@@ -68,6 +71,7 @@ pub fn run(args: GuiArgs) -> Result<()> {
             component: args.component,
             by_position: args.by_position.then_some(true),
             direction: args.direction,
+            prepend_bos: args.prepend_bos.then_some(true),
             metric: args.metric,
             device: args.device,
             dtype: args.dtype,

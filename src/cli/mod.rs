@@ -68,6 +68,10 @@ pub struct PatchArgs {
     /// noising: corrupted activations into the clean run (is it necessary?).
     #[arg(long, value_enum, default_value_t = Direction::Denoising)]
     pub direction: Direction,
+    /// Put the model's BOS token before both prompts where its tokenizer adds none (GPT-2's adds
+    /// none; TransformerLens prepends one by default). Recorded in the results.
+    #[arg(long)]
+    pub prepend_bos: bool,
 }
 
 /// Runs a parsed command; no command opens the app (or, built without it, prints the help).

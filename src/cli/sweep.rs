@@ -116,6 +116,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
         component: args.patch.component,
         direction: args.patch.direction,
         by_position: args.patch.by_position,
+        prepend_bos: args.patch.prepend_bos,
     };
     let options = SweepOptions {
         schedule: args.schedule,

@@ -18,6 +18,10 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "GPTNeoXForCausalLM (Pythia)",
 ];
 
+/// More layers than any checkpoint has: a configuration saying so is refused before per-layer
+/// settings are built.
+pub(super) const MAX_LAYERS: usize = 1 << 16;
+
 /// The decoder families the one hookable decoder implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Family {
@@ -189,6 +193,9 @@ pub struct ArchConfig {
     /// The RoPE base of local layers, when it differs from `rope_theta` (Gemma 3); their RoPE is
     /// never scaled.
     pub local_rope_theta: Option<f64>,
+    /// config.json's `bos_token_id`: the BOS a prompt may be given when its tokenizer adds none.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
 }
 
 impl ArchConfig {
@@ -223,6 +230,7 @@ impl ArchConfig {
             sliding_window: None,
             layer_kinds: Vec::new(),
             local_rope_theta: None,
+            bos_token_id: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use candle_core::quantized::gguf_file;
 
-use super::config::{ArchConfig, AttentionKind, Family, RopeScaling, unsupported};
+use super::config::{ArchConfig, AttentionKind, Family, MAX_LAYERS, RopeScaling, unsupported};
 use crate::error::{Error, Result};
 
 /// GGUF architectures the decoder runs (GPT-2 and GPT-NeoX load from safetensors folders).
@@ -85,6 +85,11 @@ impl ArchConfig {
             }
         };
         let num_layers = get_u("block_count")?;
+        if num_layers > MAX_LAYERS {
+            return Err(Error::ModelConfig(format!(
+                "GGUF metadata says {num_layers} layers, far more than any checkpoint holds"
+            )));
+        }
         let sliding_window = opt_u("attention.sliding_window")?;
         let layer_kinds = (0..num_layers)
             .map(|l| {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::config::{Activation, ArchConfig, AttentionKind, Family, RopeScaling, unsupported};
+use super::config::{Activation, ArchConfig, AttentionKind, Family, MAX_LAYERS, RopeScaling, unsupported};
 use crate::error::{Error, Result};
 
 /// A config.json larger than this is not a model configuration (they are a few KiB).
@@ -102,12 +102,18 @@ impl ArchConfig {
             (None, Family::Gpt2) => 4 * hidden_size,
             (None, _) => required(None, "intermediate_size")?,
         };
+        let num_layers = required(hf.num_hidden_layers, "num_hidden_layers")?;
+        if num_layers > MAX_LAYERS {
+            return Err(Error::ModelConfig(format!(
+                "the configuration says {num_layers} layers, far more than any checkpoint holds"
+            )));
+        }
         let rope = Rope::of(&hf)?;
         let mut cfg = ArchConfig {
             vocab_size: required(hf.vocab_size, "vocab_size")?,
             hidden_size,
             intermediate_size,
-            num_layers: required(hf.num_hidden_layers, "num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
             head_dim,
@@ -137,6 +143,11 @@ impl ArchConfig {
             final_softcap: hf.final_logit_softcapping,
             sliding_window: hf.sliding_window,
             local_rope_theta: rope.local_theta,
+            bos_token_id: hf
+                .bos_token_id
+                .as_ref()
+                .and_then(serde_json::Value::as_u64)
+                .map(|id| id as u32),
             ..ArchConfig::base(family)
         };
         cfg.activation = activation(&hf, family)?;
@@ -187,8 +198,9 @@ fn activation(hf: &HfConfig, family: Family) -> Result<Activation> {
 /// family's rule (Gemma 2 alternates starting with a sliding layer, Gemma 3 makes every
 /// `sliding_window_pattern`-th layer global, Mistral slides everywhere when it has a window).
 fn layer_kinds(hf: &HfConfig, family: Family, layers: usize) -> Result<Vec<AttentionKind>> {
+    // Other families save layer_types too (all full attention): only Gemma's choose by them.
     if let Some(types) = &hf.layer_types
-        && family != Family::Mistral
+        && family.is_gemma()
     {
         if types.len() != layers {
             return Err(Error::ModelConfig(format!(
@@ -345,6 +357,8 @@ struct HfConfig {
     final_logit_softcapping: Option<f64>,
     use_parallel_residual: Option<bool>,
     scale_attn_by_inverse_layer_idx: Option<bool>,
+    /// An id, or (rarely) a list or null.
+    bos_token_id: Option<serde_json::Value>,
 }
 
 /// `rope_scaling` / `rope_parameters` of an HF `config.json`.

@@ -240,7 +240,8 @@ fn load_folder(dir: &Path, dtype: DType, dev: &Device, on_progress: &mut dyn FnM
         return Err(Error::model_file("model folder not found", dir));
     }
     let config = ArchConfig::from_hf_config_file(&dir.join("config.json"))?;
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let mut tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))?;
+    tokenizer.set_bos_if_unknown(config.bos_token_id);
     on_progress(LoadProgress::Stage("reading weights".into()));
     let files = weights::safetensors_files(dir)?;
     weights::check_checkpoint(&config, &weights::safetensors_tensors(&files)?).map_err(|e| in_file(e, dir))?;

@@ -31,8 +31,10 @@ const QWEN2_SPLIT: &str =
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
-    /// A BOS id to prepend to prompts when the tokenizer itself does not (GGUF `add_bos_token`).
+    /// The model's beginning-of-sequence token, when known (GGUF metadata, config.json).
     bos: Option<u32>,
+    /// Prepend `bos` to every prompt where the tokenizer itself does not (GGUF `add_bos_token`).
+    add_bos: bool,
 }
 
 impl TextTokenizer {
@@ -68,7 +70,22 @@ impl TextTokenizer {
             .with_truncation(None)
             .map_err(|e| format!("cannot switch truncation off ({e})"))?;
         inner.with_padding(None);
-        Ok(Self { inner, bos: None })
+        // A post-processor that adds a BOS names it: the first id of an empty encoding with
+        // special tokens, when there is one.
+        let bos = inner
+            .encode("", true)
+            .ok()
+            .and_then(|e| e.get_ids().first().copied())
+            .filter(|&id| {
+                inner
+                    .encode("", false)
+                    .map_or(true, |e| e.get_ids().first() != Some(&id))
+            });
+        Ok(Self {
+            inner,
+            bos,
+            add_bos: false,
+        })
     }
 
     /// Builds the byte-level BPE tokenizer a GGUF file describes (`tokenizer.ggml.*`).
@@ -144,12 +161,12 @@ impl TextTokenizer {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
-        let bos = if add_bos {
-            md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok())
-        } else {
-            None
-        };
-        Ok(Self { inner, bos })
+        let bos = md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
+        Ok(Self {
+            inner,
+            bos,
+            add_bos: add_bos && bos.is_some(),
+        })
     }
 
     /// A stand-in for models that come without one (synthetic benchmarks): token `i` is written
@@ -162,22 +179,59 @@ impl TextTokenizer {
             .map_err(|e| Error::Tokenizer(format!("building a numbered vocabulary: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(PreTokenizerWrapper::WhitespaceSplit(WhitespaceSplit)));
-        Ok(Self { inner, bos: None })
+        Ok(Self {
+            inner,
+            bos: None,
+            add_bos: false,
+        })
     }
 
     /// Token ids of a prompt, with the BOS token when the model expects one.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_prompt_with(text, false)
+    }
+
+    /// Token ids of a prompt, with the BOS token when the model expects one or `prepend_bos` asks
+    /// for it (GPT-2's tokenizer adds none; TransformerLens prepends one by default).
+    pub fn encode_prompt_with(&self, text: &str, prepend_bos: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
-        if let Some(bos) = self.bos
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
+        if self.add_bos || prepend_bos {
+            let bos = self.bos.ok_or_else(|| {
+                Error::Input("this model's tokenizer names no BOS token, so none can be prepended".into())
+            })?;
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
         }
         Ok(ids)
+    }
+
+    /// The beginning-of-sequence token, when the model has one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Whether prompts get a BOS without being asked (the tokenizer's post-processor or GGUF's
+    /// `add_bos_token`).
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+            || self.bos.is_some_and(|bos| {
+                self.inner
+                    .encode("a", true)
+                    .is_ok_and(|e| e.get_ids().first() == Some(&bos))
+            })
+    }
+
+    /// Names `bos` as the beginning-of-sequence token where the tokenizer named none (config.json's
+    /// `bos_token_id`).
+    pub fn set_bos_if_unknown(&mut self, bos: Option<u32>) {
+        if self.bos.is_none() {
+            self.bos = bos.filter(|&id| self.inner.id_to_token(id).is_some());
+        }
     }
 
     /// Token ids of a text with no special tokens added (answers, continuations).

@@ -24,6 +24,10 @@ pub struct SweepRequest {
     /// Head components: one cell per (layer, position, head) rather than per (layer, head).
     #[serde(default)]
     pub by_position: bool,
+    /// Put the model's BOS token before both prompts where its tokenizer adds none (GPT-2's adds
+    /// none, and TransformerLens prepends one by default); off by default, as in HF.
+    #[serde(default)]
+    pub prepend_bos: bool,
 }
 
 /// A sweep given as token ids rather than text (models without a tokenizer, synthetic benchmarks).
@@ -44,6 +48,8 @@ pub struct TokenSweepRequest {
 /// model's positions), answers single tokens of its vocabulary and distinct.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
+    /// Whether a BOS was put before the prompts on request.
+    pub prepend_bos: bool,
     pub clean: PromptRecord,
     pub corrupted: PromptRecord,
     pub correct: AnswerRecord,
@@ -56,17 +62,19 @@ pub struct ValidRequest {
 impl SweepRequest {
     /// Tokenizes the prompts and answers with `model`'s tokenizer and checks them.
     pub fn validate(&self, model: &Model) -> Result<ValidRequest> {
-        ValidRequest::new(
+        let mut valid = ValidRequest::new(
             [
-                prompt_tokens(model, "clean", &self.clean)?,
-                prompt_tokens(model, "corrupted", &self.corrupted)?,
+                prompt_tokens(model, "clean", &self.clean, self.prepend_bos)?,
+                prompt_tokens(model, "corrupted", &self.corrupted, self.prepend_bos)?,
             ],
             [
                 answer_token(model, "correct", &self.correct)?,
                 answer_token(model, "incorrect", &self.incorrect)?,
             ],
             (self.component, self.direction, self.by_position),
-        )
+        )?;
+        valid.prepend_bos = self.prepend_bos;
+        Ok(valid)
     }
 }
 
@@ -151,6 +159,7 @@ impl ValidRequest {
             )));
         }
         Ok(Self {
+            prepend_bos: false,
             clean,
             corrupted,
             correct,
@@ -175,7 +184,12 @@ fn answer_token(model: &Model, which: &str, text: &str) -> Result<AnswerRecord> 
             "the {which} answer is empty: give one token, e.g. \" John\""
         )));
     }
-    let ids = model.tokenizer.encode_plain(text)?;
+    let mut ids = model.tokenizer.encode_plain(text)?;
+    // A tokenizer that puts BOS even before a plain encoding (Gemma's SentencePiece) does not make
+    // the answer two tokens.
+    if ids.len() > 1 && ids.first() == model.tokenizer.bos().as_ref() {
+        ids.remove(0);
+    }
     check_in_vocabulary(model, &ids, text)?;
     match ids.as_slice() {
         [id] => Ok(AnswerRecord {
@@ -214,11 +228,11 @@ fn check_in_vocabulary(model: &Model, ids: &[u32], text: &str) -> Result<()> {
 }
 
 /// Tokenizes a prompt, refusing empty ones.
-fn prompt_tokens(model: &Model, which: &str, text: &str) -> Result<PromptRecord> {
+fn prompt_tokens(model: &Model, which: &str, text: &str, prepend_bos: bool) -> Result<PromptRecord> {
     if text.trim().is_empty() {
         return Err(Error::Input(format!("the {which} prompt is empty")));
     }
-    let token_ids = model.tokenizer.encode_prompt(text)?;
+    let token_ids = model.tokenizer.encode_prompt_with(text, prepend_bos)?;
     check_in_vocabulary(model, &token_ids, text)?;
     if token_ids.is_empty() {
         return Err(Error::Input(format!("the {which} prompt has no tokens")));

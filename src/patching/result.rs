@@ -151,6 +151,10 @@ pub struct SweepResult {
     /// Which run was patched with which run's activations.
     #[serde(default)]
     pub direction: Direction,
+    /// Whether Patchbay put the model's BOS token before both prompts on request (`--prepend-bos`);
+    /// a BOS the tokenizer adds itself shows in the tokens either way.
+    #[serde(default)]
+    pub prepend_bos: bool,
     /// What `values` holds: "normalized_logit_diff".
     pub metric: String,
     /// The metric in words.
@@ -280,6 +284,7 @@ impl SweepResult {
             component: request.component,
             by_position: layout.by_position,
             direction: request.direction,
+            prepend_bos: request.prepend_bos,
             metric: "normalized_logit_diff".to_owned(),
             metric_definition: Metric::Normalized.definition().to_owned(),
             clean: request.clean,
@@ -492,6 +497,7 @@ impl SweepResult {
             metrics: [Some(logit_diff); Metric::COUNT],
         };
         let request = ValidRequest {
+            prepend_bos: false,
             clean: prompt.clone(),
             corrupted: prompt,
             correct: answer(0),

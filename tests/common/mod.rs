@@ -43,6 +43,7 @@ pub fn ioi_request(component: Component) -> SweepRequest {
         component,
         direction: Default::default(),
         by_position: false,
+        prepend_bos: false,
     }
 }
 
@@ -175,6 +176,7 @@ pub fn tiny_request(component: Component) -> SweepRequest {
         component,
         direction: Default::default(),
         by_position: false,
+        prepend_bos: false,
     }
 }
 
