@@ -95,3 +95,48 @@ fn resid_mid_of_a_parallel_residual_is_refused_with_a_message() {
         .to_string();
     assert!(err.contains("parallel"), "{err}");
 }
+
+#[test]
+fn gpt2_prepends_its_bos_only_when_asked_and_matches_transformers_then() {
+    let entry = entry("tiny-gpt2");
+    let bos = &entry["bos_prepended"];
+    let dir = TempDir::new("gpt2-bos");
+    write_tiny_model(&dir.0, &entry["config"]);
+    let model = load_folder(&dir.0);
+    assert!(!model.tokenizer.adds_bos(), "GPT-2's tokenizer adds no BOS");
+    assert_eq!(model.tokenizer.bos(), Some(entry["bos_id"].as_u64().unwrap() as u32));
+    let plain = tiny_request(Component::ResidPost);
+    assert_eq!(
+        plain.validate(&model).unwrap().clean.token_ids,
+        ids(&entry["clean_ids"]),
+        "off by default, as in HF"
+    );
+    let base = SweepRequest {
+        prepend_bos: true,
+        ..plain
+    };
+    let valid = base.validate(&model).unwrap();
+    assert_eq!(valid.clean.token_ids, ids(&bos["clean_ids"]));
+    assert_eq!(valid.corrupted.token_ids, ids(&bos["corrupted_ids"]));
+    assert_eq!(valid.clean.tokens[0], "<|endoftext|>", "BOS is chip 0");
+    assert_eq!(
+        valid.first_diff(),
+        bos["first_differing_position"].as_u64().unwrap() as usize
+    );
+    for sweep in bos["sweeps"].as_array().unwrap() {
+        for schedule in Schedule::ALL {
+            check_sweep(&model, base.clone(), sweep, bos, "tiny-gpt2 with BOS", schedule);
+        }
+    }
+    let result = Sweep::prepare(&model, &base, 5)
+        .unwrap()
+        .run(
+            &Default::default(),
+            &std::sync::atomic::AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(result.prepend_bos, "recorded in the result");
+    let json = serde_json::to_value(&result).unwrap();
+    assert_eq!(json["prepend_bos"], true);
+}

@@ -85,17 +85,32 @@ impl PatchbayApp {
         }
     }
 
-    /// The teaching presets, and the chosen one's note on what to look for.
+    /// The teaching presets, and the chosen one's note on what to look for. With a model loaded,
+    /// a preset its tokenizer cannot run (an answer of two tokens, prompts of different lengths)
+    /// is marked, and says why.
     fn preset_picker(&mut self, ui: &mut Ui) {
+        let tokenizer = self.model.as_ref().map(|m| m.tokenizer.clone());
+        let prepend_bos = self.prepend_bos();
+        let fit = |p: &super::presets::Preset| match &tokenizer {
+            Some(t) => p.fits(t, prepend_bos),
+            None => Ok(()),
+        };
         egui::ComboBox::from_label("Preset")
             .selected_text(self.settings.preset.clone().unwrap_or_else(|| "custom".into()))
             .width(260.0)
             .show_ui(ui, |ui| {
                 for p in presets() {
-                    if ui
-                        .selectable_label(self.settings.preset.as_deref() == Some(p.name.as_str()), &p.name)
-                        .clicked()
-                    {
+                    let misfit = fit(p).err();
+                    let label = match misfit {
+                        Some(_) => format!("⚠ {}", p.name),
+                        None => p.name.clone(),
+                    };
+                    let response = ui.selectable_label(self.settings.preset.as_deref() == Some(p.name.as_str()), label);
+                    let response = match &misfit {
+                        Some(why) => response.on_hover_text(format!("Does not fit this model: {why}")),
+                        None => response,
+                    };
+                    if response.clicked() {
                         self.settings.apply_preset(p);
                     }
                 }
@@ -104,6 +119,17 @@ impl PatchbayApp {
             .iter()
             .find(|p| Some(&p.name) == self.settings.preset.as_ref())
         {
+            if let Err(why) = fit(p) {
+                ui.label(
+                    RichText::new(format!(
+                        "This preset does not fit {}: {why}. Edit the answers or prompts to suit it.",
+                        self.model
+                            .as_ref()
+                            .map_or_else(String::new, |m| m.source.display_name())
+                    ))
+                    .color(ERROR_TEXT),
+                );
+            }
             egui::CollapsingHeader::new("What to look for")
                 .default_open(true)
                 .show(ui, |ui| ui.label(&p.explanation));
