@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Starts the app under Xvfb on the demo model, runs the IOI sweep, and saves a screenshot.
 #   scripts/screenshot.sh OUT.png [SECONDS_TO_WAIT] [extra patchbay gui args...]
+#   PATCHBAY_SCREENSHOT_MODEL=path  another model than the demo one
 # Needs: xvfb xauth imagemagick (apt). Uses the release build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-docs/screenshot.png}"
 wait="${2:-20}"
 shift $(( $# > 2 ? 2 : $# )) || true
-model="$(scripts/fetch-test-model.sh)"
+model="${PATCHBAY_SCREENSHOT_MODEL:-$(scripts/fetch-test-model.sh)}"
 # Shown in the model field: relative to the repository, so the picture names no machine's folders.
 model="${model#"$PWD"/}"
 bin="${PATCHBAY_BIN:-./target/release/patchbay}"

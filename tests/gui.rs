@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::app::{harness, wait_until};
-use common::{IOI_CLEAN, IOI_CORRUPTED, TempDir, smollm2_gguf, write_tiny};
+use common::{IOI_CLEAN, IOI_CORRUPTED, TempDir, fixture_json, smollm2_gguf, write_tiny, write_tiny_model};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use patchbay::app::{PatchbayApp, StartOptions};
@@ -385,4 +385,45 @@ fn a_head_sweep_draws_layers_by_heads_switches_metric_at_once_and_shows_the_patt
     for run in ["H1 clean", "H1 corrupted", "H1 patched"] {
         assert!(h.query_by_label(run).is_some(), "{run} row");
     }
+}
+
+#[test]
+fn gpt2_prepend_bos_is_offered_shown_as_chip_0_and_recorded() {
+    let dir = TempDir::new("gui-gpt2-bos");
+    let config = &fixture_json("family_reference.json")["models"]["tiny-gpt2"]["config"];
+    write_tiny_model(&dir.0, config);
+    let mut h = harness(&dir.0.to_string_lossy());
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+    // Off by default, as in HF: the subject is at position 9.
+    assert!(h.query_by_label("9·Mary").is_some());
+    h.get_by_label("Prepend BOS").click();
+    h.run_steps(3);
+    assert!(h.state_mut().settings_mut().prepend_bos);
+    assert_eq!(
+        h.query_all_by_label("0<|endoftext|>").count(),
+        2,
+        "BOS is chip 0 of both prompts"
+    );
+    assert!(h.query_by_label("10·Mary").is_some(), "every position moves by one");
+    h.get_by_label("Run").click();
+    wait_until(&mut h, "the sweep to finish", |a| {
+        a.result().is_some_and(|r| r.complete) && !a.is_busy()
+    });
+    let result = h.state().result().unwrap().clone();
+    assert!(result.prepend_bos, "recorded in the result");
+    assert_eq!(result.shape, [3, 17]);
+
+    // A preset whose answers the tiny vocabulary splits is marked, and says why.
+    h.get_by_label("Preset").click();
+    h.run_steps(2);
+    let misfit = h
+        .query_all_by_label_contains("⚠")
+        .next()
+        .expect("a preset marked as not fitting the tiny vocabulary");
+    misfit.click();
+    h.run_steps(3);
+    assert!(
+        h.query_by_label_contains("This preset does not fit").is_some(),
+        "the reason is shown under the picker"
+    );
 }
