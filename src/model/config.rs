@@ -275,6 +275,13 @@ impl ArchConfig {
             self.qk_norm = f == Family::Gemma3;
         }
         if matches!(f, Family::Gpt2 | Family::GptNeoX) {
+            // GPT-2's gelu_new, NeoX's exact gelu (config.json may say otherwise; its parser
+            // sets the activation after these defaults).
+            self.activation = if f == Family::Gpt2 {
+                Activation::GeluTanh
+            } else {
+                Activation::Gelu
+            };
             self.norm = NormKind::Layer;
             self.gated_mlp = false;
             self.parallel_residual = f == Family::GptNeoX && self.parallel_residual;

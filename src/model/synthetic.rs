@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{Activation, ArchConfig, AttentionKind, Family};
+use super::config::{ArchConfig, AttentionKind, Family};
 use super::decoder::Transformer;
 pub use super::families::tensor_shapes;
 use super::tokenizer::TextTokenizer;
@@ -29,22 +29,20 @@ pub fn shape(name: &str) -> Result<ArchConfig> {
         // openai-community/gpt2.
         "gpt2-small" => ArchConfig {
             norm_eps: 1e-5,
+            bos_token_id: Some(50_256),
             max_position_embeddings: 1024,
             tie_word_embeddings: true,
             ..ArchConfig::sized(Family::Gpt2, 50_257, 768, 3072, 12, 12, 12, 64)
         },
         // EleutherAI/pythia-160m: a quarter of each head rotates, parallel residual, untied.
-        "pythia-160m" => {
-            let mut cfg = ArchConfig {
-                norm_eps: 1e-5,
-                max_position_embeddings: 2048,
-                parallel_residual: true,
-                rotary_dim: 16,
-                ..ArchConfig::sized(Family::GptNeoX, 50_304, 768, 3072, 12, 12, 12, 64)
-            };
-            cfg.activation = Activation::Gelu;
-            cfg
-        }
+        "pythia-160m" => ArchConfig {
+            norm_eps: 1e-5,
+            max_position_embeddings: 2048,
+            parallel_residual: true,
+            rotary_dim: 16,
+            bos_token_id: Some(0),
+            ..ArchConfig::sized(Family::GptNeoX, 50_304, 768, 3072, 12, 12, 12, 64)
+        },
         // google/gemma-3-270m: every sixth layer global, the rest slide over 512 positions.
         "gemma3-270m" => ArchConfig {
             rope_theta: 1_000_000.0,
@@ -146,6 +144,22 @@ mod tests {
             .sum();
         // Qwen3-0.6B: 0.6B parameters with tied embeddings (596,049,920 in its safetensors).
         assert_eq!(params, 596_049_920);
+    }
+
+    #[test]
+    fn every_shape_has_its_published_parameter_count() {
+        for (name, published) in [
+            ("gpt2-small", 124_439_808),
+            ("pythia-160m", 162_322_944),
+            ("gemma3-270m", 268_098_176),
+        ] {
+            let cfg = shape(name).unwrap();
+            let params: usize = tensor_shapes(&cfg)
+                .iter()
+                .map(|(_, d)| d.iter().product::<usize>())
+                .sum();
+            assert_eq!(params, published, "{name}");
+        }
     }
 
     #[test]
