@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::{Activation, ArchConfig, NormKind, RopeScaling};
-use super::kernels::fused::swiglu;
+use super::kernels::fused::{Act, activation, gated};
 use super::kernels::skinny::linear as linear_fwd;
 use crate::error::Result;
 
@@ -79,7 +79,8 @@ impl Mlp {
     pub(super) fn forward(&self, normed: &Tensor) -> Result<Tensor> {
         let up = linear_fwd(&self.up_proj, normed)?;
         let hidden = match (&self.gate_proj, self.activation) {
-            (Some(gate), Activation::Silu) => swiglu(&linear_fwd(gate, normed)?, &up)?,
+            (Some(gate), Activation::Silu) => gated(&linear_fwd(gate, normed)?, &up, Act::Silu)?,
+            (Some(gate), Activation::GeluTanh) => gated(&linear_fwd(gate, normed)?, &up, Act::GeluTanh)?,
             (Some(gate), act) => (activate(&linear_fwd(gate, normed)?, act)? * up)?,
             (None, act) => activate(&up, act)?,
         };
@@ -93,11 +94,11 @@ impl Mlp {
 
 /// `act(x)`.
 fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    Ok(match act {
-        Activation::Silu => candle_nn::ops::silu(x)?,
-        Activation::GeluTanh => x.gelu()?,
-        Activation::Gelu => x.gelu_erf()?,
-    })
+    match act {
+        Activation::Silu => activation(x, Act::Silu),
+        Activation::GeluTanh => activation(x, Act::GeluTanh),
+        Activation::Gelu => Ok(x.gelu_erf()?),
+    }
 }
 
 pub(super) struct Layer {

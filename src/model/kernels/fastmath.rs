@@ -32,9 +32,30 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`):
+/// 0.5·x·(1 + tanh(u)) = x − x / (e^{2u} + 1), u = √(2/π)·(x + 0.044715·x³), with [`exp`].
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
+    x - x / (exp(2.0 * u) + 1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_tanh_matches_the_tanh_formula() {
+        for i in -4000..=4000 {
+            let x = i as f32 / 200.0;
+            let want = 0.5
+                * f64::from(x)
+                * (1.0 + (0.797_884_560_802_865_4 * (f64::from(x) + 0.044_715 * f64::from(x).powi(3))).tanh());
+            let got = f64::from(gelu_tanh(x));
+            assert!((got - want).abs() <= 2e-6 * want.abs().max(1.0), "{x}: {got} vs {want}");
+        }
+    }
 
     #[test]
     fn exp_matches_f64_over_f32s_range_and_clamps_outside_it() {

@@ -5,9 +5,40 @@ use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 
-/// silu(gate) · up, the SwiGLU MLP's activation. On the CPU in f32 one pass over both, spread over
-/// the cores (candle's silu then multiply make two passes on one core).
+/// The activations the fused kernels compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Silu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+}
+
+impl Act {
+    #[inline(always)]
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Act::Silu => super::fastmath::silu(x),
+            Act::GeluTanh => super::fastmath::gelu_tanh(x),
+        }
+    }
+
+    /// candle's op, for other devices and dtypes.
+    fn candle(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Act::Silu => candle_nn::ops::silu(x)?,
+            Act::GeluTanh => x.gelu()?,
+        })
+    }
+}
+
+/// silu(gate) · up, the SwiGLU MLP's activation (see [`gated`]).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gated(gate, up, Act::Silu)
+}
+
+/// act(gate) · up, a gated MLP's activation (SwiGLU, GeGLU). On the CPU in f32 one pass over both,
+/// spread over the cores (candle's activation then multiply make two passes on one core).
+pub fn gated(gate: &Tensor, up: &Tensor, act: Act) -> Result<Tensor> {
     let fused = gate.device().is_cpu()
         && gate.dtype() == DType::F32
         && up.dtype() == DType::F32
@@ -15,18 +46,61 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         && gate.is_contiguous()
         && up.is_contiguous();
     if fused {
-        Ok(gate.apply_op2_no_bwd(up, &SiluMul)?)
+        Ok(gate.apply_op2_no_bwd(up, &ActMul(act))?)
     } else {
-        Ok((candle_nn::ops::silu(gate)? * up)?)
+        Ok((act.candle(gate)? * up)?)
     }
 }
 
-/// The CPU kernel behind [`swiglu`].
-struct SiluMul;
+/// act(x) elementwise; on the CPU in f32 spread over the cores.
+pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous() {
+        Ok(x.apply_op1_no_bwd(&ActOnly(act))?)
+    } else {
+        act.candle(x)
+    }
+}
 
-impl candle_core::CustomOp2 for SiluMul {
+/// The CPU kernel behind [`activation`].
+struct ActOnly(Act);
+
+impl candle_core::CustomOp1 for ActOnly {
     fn name(&self) -> &'static str {
-        "silu-mul"
+        "act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        use rayon::prelude::*;
+        let CpuStorage::F32(x) = x else {
+            candle_core::bail!("act: f32 only");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("act: contiguous input only");
+        };
+        let x = &x[a..b];
+        let act = self.0;
+        let mut out = vec![0f32; x.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = act.apply(x);
+            }
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// The CPU kernel behind [`gated`].
+struct ActMul(Act);
+
+impl candle_core::CustomOp2 for ActMul {
+    fn name(&self) -> &'static str {
+        "act-mul"
     }
 
     fn cpu_fwd(
@@ -54,8 +128,9 @@ impl candle_core::CustomOp2 for SiluMul {
         out.par_chunks_mut(CHUNK)
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
+                let act = self.0;
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = super::fastmath::silu(g) * u;
+                    *o = act.apply(g) * u;
                 }
             });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
@@ -153,6 +228,17 @@ mod tests {
         // Views that are not contiguous take candle's ops.
         let (gt, ut) = (gate.t().unwrap(), up.t().unwrap());
         assert!(max_abs_diff(&swiglu(&gt, &ut).unwrap(), &reference.t().unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn fused_gelu_matches_candles() {
+        let dev = Device::Cpu;
+        let gate = Tensor::randn(0f32, 3.0, (37, 1000), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (37, 1000), &dev).unwrap();
+        let reference = (gate.gelu().unwrap() * &up).unwrap();
+        assert!(max_abs_diff(&gated(&gate, &up, Act::GeluTanh).unwrap(), &reference) < 1e-5);
+        let alone = activation(&gate, Act::GeluTanh).unwrap();
+        assert!(max_abs_diff(&alone, &gate.gelu().unwrap()) < 1e-5);
     }
 
     #[test]
