@@ -293,6 +293,45 @@ fn strict_loaders_refuse_what_they_do_not_understand() {
     let msg = load_error(ModelSource::Gguf(twice));
     assert!(msg.contains("has the key 'general.architecture' twice"), "{msg}");
 
+    // A tensor in a quantization candle cannot dequantize (IQ2_XXS, ggml type 16).
+    let iq = dir.0.join("iq2.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes()); // version
+    bytes.extend(1u64.to_le_bytes()); // tensors
+    bytes.extend(1u64.to_le_bytes()); // metadata entries
+    let (key, value) = (b"general.architecture", b"gemma3");
+    bytes.extend((key.len() as u64).to_le_bytes());
+    bytes.extend(key);
+    bytes.extend(8u32.to_le_bytes()); // string
+    bytes.extend((value.len() as u64).to_le_bytes());
+    bytes.extend(value);
+    let name = b"blk.0.attn_q.weight";
+    bytes.extend((name.len() as u64).to_le_bytes());
+    bytes.extend(name);
+    bytes.extend(2u32.to_le_bytes()); // dimensions
+    bytes.extend(256u64.to_le_bytes());
+    bytes.extend(4u64.to_le_bytes());
+    bytes.extend(16u32.to_le_bytes()); // IQ2_XXS
+    bytes.extend(0u64.to_le_bytes()); // offset
+    bytes.resize(bytes.len().next_multiple_of(32) + 1024, 0);
+    std::fs::write(&iq, bytes).unwrap();
+    let msg = load_error(ModelSource::Gguf(iq));
+    assert!(
+        msg.contains("ggml type 16 (IQ2_XXS)") && msg.contains("Q4_K") && msg.ends_with("iq2.gguf"),
+        "{msg}"
+    );
+    // A GGUF of an architecture the decoder does not implement names it and what is supported.
+    let mamba = dir.0.join("mamba.gguf");
+    let arch = candle_core::quantized::gguf_file::Value::String("mamba".into());
+    let mut file = std::fs::File::create(&mamba).unwrap();
+    candle_core::quantized::gguf_file::write(&mut file, &[("general.architecture", &arch)], &[]).unwrap();
+    drop(file);
+    let msg = load_error(ModelSource::Gguf(mamba));
+    assert!(
+        msg.contains("mamba (gguf)") && msg.contains("gemma3") && msg.contains("GPT2LMHeadModel"),
+        "{msg}"
+    );
+
     // A GGUF header with general.alignment = 0 (candle's reader divides by it).
     let gguf = dir.0.join("zero-alignment.gguf");
     let mut bytes = b"GGUF".to_vec();

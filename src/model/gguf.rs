@@ -102,7 +102,9 @@ pub fn read_header<R: std::io::Read + std::io::Seek>(
         .map_err(|e| format!("cannot read the file ({e})"))?;
     let content = crate::error::quietly(|| gguf_file::Content::read(reader))
         .map_err(|why| format!("not a readable GGUF file (malformed header: {why})"))?
-        .map_err(|e| format!("not a readable GGUF file ({})", candle_text(&e)))?;
+        .map_err(|e| {
+            unknown_type(&candle_text(&e)).unwrap_or_else(|| format!("not a readable GGUF file ({})", candle_text(&e)))
+        })?;
     // candle keeps the last of two entries with one key: a file that says two things is refused.
     reader
         .seek(std::io::SeekFrom::Start(start))
@@ -217,6 +219,45 @@ fn skip_value<R: std::io::Read>(
         }
         other => Err(format!("GGUF metadata value of unknown type {other}")),
     }
+}
+
+/// The ggml tensor types candle dequantizes.
+const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
+
+/// The message for candle's "unknown dtype for tensor N": which ggml type was found, what is supported.
+fn unknown_type(candle_message: &str) -> Option<String> {
+    let id: u32 = candle_message
+        .split("unknown dtype for tensor ")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    // ggml.h's enum ggml_type.
+    let name = match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    };
+    Some(format!(
+        "a tensor is stored as ggml type {id} ({name}), which Patchbay cannot dequantize (supported: \
+         {SUPPORTED_TYPES}); use another quantization of the model"
+    ))
 }
 
 /// Where tensor `name`'s data lies in a file of `len` bytes, `(start, end)`; None when it does not
