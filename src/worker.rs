@@ -16,6 +16,7 @@ use candle_core::DType;
 use crate::model::{
     ArchConfig, DeviceChoice, DeviceKind, DtypeChoice, LoadProgress, Model, ModelSource, TextTokenizer,
 };
+use crate::patching::estimate::Attribution;
 use crate::patching::{
     Cell, HeadPatterns, PatternRequest, Progress, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult,
     head_patterns,
@@ -73,6 +74,10 @@ pub enum Event {
     Cell(Cell),
     /// More of the sweep's work is done (for its [`Progress`]; comes layer by layer in a block).
     Work(f64),
+    /// Every cell's attribution-patching estimate, before the exact cells.
+    Estimated(Box<Attribution>),
+    /// The exact cells chosen after the estimate are this much work (the [`Progress`]'s new total).
+    Planned(f64),
     /// The sweep ended (complete, or partial after a cancel).
     SweepFinished(Box<SweepResult>),
     /// The sweep was refused or failed; the message says why.
@@ -250,6 +255,8 @@ impl WorkerState {
                     let event = match event {
                         SweepEvent::Cell(cell) => Event::Cell(cell.clone()),
                         SweepEvent::Work(work) => Event::Work(work),
+                        SweepEvent::Estimated(a) => Event::Estimated(Box::new(a.clone())),
+                        SweepEvent::Planned { work, .. } => Event::Planned(work),
                     };
                     if events.send(event).is_err() {
                         cancel.store(true, Ordering::SeqCst); // the UI is gone

@@ -36,6 +36,7 @@ fn run(prepared: Sweep, schedule: Schedule) -> SweepResult {
                 work += w;
                 work_reports += 1;
             }
+            SweepEvent::Estimated(_) | SweepEvent::Planned { .. } => panic!("no estimate was asked for"),
         })
         .unwrap();
     // The work reported adds up to the progress's total: the bar ends full, never past it.

@@ -333,6 +333,17 @@ impl PatchbayApp {
                         s.progress.work_done(work, s.started.elapsed().as_secs_f64());
                     }
                 }
+                Event::Estimated(estimate) => {
+                    if let Some(s) = &mut self.sweep {
+                        s.result.estimate = Some(*estimate);
+                        self.heatmap.mark_dirty();
+                    }
+                }
+                Event::Planned(work) => {
+                    if let Some(s) = &mut self.sweep {
+                        s.progress.set_total(work);
+                    }
+                }
                 Event::SweepFinished(result) => {
                     if let Some(s) = &mut self.sweep {
                         s.elapsed = Some(s.started.elapsed().as_secs_f64());

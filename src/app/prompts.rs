@@ -102,7 +102,7 @@ impl PatchbayApp {
                 for p in presets() {
                     let misfit = fit(p).err();
                     let label = match misfit {
-                        Some(_) => format!("⚠ {}", p.name),
+                        Some(_) => format!("{} (does not fit)", p.name),
                         None => p.name.clone(),
                     };
                     let response = ui.selectable_label(self.settings.preset.as_deref() == Some(p.name.as_str()), label);

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use super::{PatchArgs, procfs};
 use patchbay::model::{DeviceChoice, DtypeChoice, Model, ModelSource};
+use patchbay::patching::estimate::EstimateMethod;
 use patchbay::patching::result::{ForwardTiming, Timing};
 use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_TOP_K};
 use patchbay::patching::{Schedule, Sweep, SweepOptions, SweepRequest, SweepResult, TokenSweepRequest};
@@ -89,6 +90,11 @@ pub struct BenchArgs {
     /// the numbers.
     #[arg(long)]
     pub no_warmup: bool,
+    /// Also time attribution patching's estimate of every cell (atp or atp-star) and compare it
+    /// with the last fast round's exact cells: rank correlation, how many of the exact top 10 are
+    /// in the estimate's top 20, and the first exact cell after the estimate.
+    #[arg(long, value_enum)]
+    pub estimate: Option<EstimateMethod>,
 }
 
 /// One timed sweep of the benchmark.
@@ -104,9 +110,9 @@ struct BenchRun {
 }
 
 /// The loaded model and how to prepare the benchmark's sweep on it.
-struct Bench<'a> {
-    args: &'a BenchArgs,
-    model: Model,
+pub(super) struct Bench<'a> {
+    pub(super) args: &'a BenchArgs,
+    pub(super) model: Model,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -131,6 +137,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let Some(run) = rs.last() {
             print_time_breakdown(*schedule, &run.result.timing);
         }
+    }
+    if let Some(method) = args.estimate {
+        let exact = schedules
+            .iter()
+            .zip(&runs)
+            .filter_map(|(_, rs)| rs.last())
+            .next_back()
+            .map(|run| &run.result);
+        super::bench_estimate::run(&bench, method, exact)?;
     }
     Ok(())
 }
@@ -163,18 +178,19 @@ impl Bench<'_> {
         self.args.naive_noops == NoopCells::Run
     }
 
-    fn options(&self, schedule: Schedule) -> SweepOptions {
+    pub(super) fn options(&self, schedule: Schedule) -> SweepOptions {
         SweepOptions {
             schedule,
             top_k: DEFAULT_TOP_K,
             batch_cells: self.args.batch,
             skip_noops: !self.naive_runs_noops(),
+            ..SweepOptions::default()
         }
     }
 
     /// The sweep, baselines run: the IOI prompts (or those given), or for a synthetic model
     /// arbitrary token ids, the corrupted prompt differing at one position.
-    fn prepare(&self) -> Result<Sweep<'_>> {
+    pub(super) fn prepare(&self) -> Result<Sweep<'_>> {
         let (args, model) = (self.args, &self.model);
         if args.synthetic.is_none() {
             let request = SweepRequest {

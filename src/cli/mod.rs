@@ -1,6 +1,7 @@
 //! The command line: `patchbay gui | sweep | bench | tokenize | info`, one file per command.
 
 mod bench;
+mod bench_estimate;
 #[cfg(feature = "gui")]
 mod gui;
 mod info;

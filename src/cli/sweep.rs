@@ -14,11 +14,30 @@ use patchbay::export::Shown;
 use patchbay::export::data::STDOUT;
 use patchbay::export::{self, Format};
 use patchbay::model::ModelSource;
+use patchbay::patching::estimate::{EstimateMethod, EstimateView, Exact, agreement, with_view};
 use patchbay::patching::sweep::{DEFAULT_BATCH_CELLS, DEFAULT_MAX_CELLS, DEFAULT_TOP_K, MAX_TOP_K};
 use patchbay::patching::{
     Axis, Metric, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult,
 };
 use patchbay::{Error, Result};
+
+/// Attribution patching: an estimate of every cell first, then exact cells by importance.
+#[derive(Debug, Clone, Args)]
+pub struct EstimateArgs {
+    /// Estimate every cell by attribution patching first (atp: first order; atp-star: AtP*,
+    /// queries and keys through the exact attention softmax), then compute exact cells largest
+    /// estimated effect first. Adds an `estimate` object and a `verified` mask to the results.
+    #[arg(long, value_enum)]
+    pub estimate: Option<EstimateMethod>,
+    /// With --estimate: which cells are computed exactly: all, top:K (the K of largest estimated
+    /// effect) or none. Cells not computed are null in `values`.
+    #[arg(long, default_value = "all", requires = "estimate")]
+    pub exact: Exact,
+    /// With --estimate: also verify this many random cells outside the top K, to bound what the
+    /// estimate missed.
+    #[arg(long, default_value_t = 0, requires = "estimate")]
+    pub sample: usize,
+}
 
 /// `patchbay sweep`.
 #[derive(Debug, Args)]
@@ -60,6 +79,11 @@ pub struct SweepArgs {
     /// Naive schedule: cells per batched forward (1 = one forward per cell, like a notebook loop).
     #[arg(long, default_value_t = DEFAULT_BATCH_CELLS)]
     pub batch: usize,
+    #[command(flatten)]
+    pub estimate: EstimateArgs,
+    /// With --estimate: what the text heatmap, --npy and the figures show.
+    #[arg(long, value_enum, default_value_t = EstimateView::Exact)]
+    pub show: EstimateView,
     /// Write the full results as JSON (`-`: standard output, the report then going to stderr).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -122,8 +146,16 @@ pub fn run(args: SweepArgs) -> Result<()> {
         schedule: args.schedule,
         top_k: args.top_k as usize,
         batch_cells: args.batch,
+        estimate: args.estimate.estimate,
+        exact: args.estimate.exact,
+        sample: args.estimate.sample,
         ..SweepOptions::default()
     };
+    if args.show != EstimateView::Exact && options.estimate.is_none() {
+        return Err(Error::Input(
+            "--show estimate and --show difference need an estimate: add --estimate atp-star (or atp)".into(),
+        ));
+    }
     let outputs = args.outputs();
     let paths: Vec<&Path> = outputs.iter().map(|&(path, _)| path).collect();
     let model_files = ModelSource::parse(&args.model.model).map_or_else(|_| Vec::new(), |s| s.files());
@@ -169,7 +201,13 @@ pub fn run(args: SweepArgs) -> Result<()> {
     let result = prepared.run_observed(&options, &INTERRUPTED, &mut |event| bar.observe(event))?;
     bar.finish();
     PHASE.store(WRITING, Ordering::SeqCst);
-    let _ = write!(out, "{}", text_heatmap(&result, args.metric));
+    print_agreement(&mut out, &result);
+    let result_shown = with_view(&result, args.show);
+    let _ = write!(
+        out,
+        "{}",
+        text_heatmap(result_shown.as_ref().unwrap_or(&result), args.metric)
+    );
     let t = &result.timing;
     let _ = writeln!(
         out,
@@ -193,7 +231,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
             .min(layout.view_count() - 1),
         auto_range: false,
     };
-    let outcome = write_outputs(&result, &outputs, &shown);
+    let outcome = write_outputs(&result, result_shown.as_ref().unwrap_or(&result), &outputs, &shown);
     for p in &outcome.written {
         let _ = writeln!(out, "wrote     {p}");
     }
@@ -209,6 +247,25 @@ fn fmt_duration(seconds: f64) -> String {
     } else {
         format!("{:.1} h", seconds / 3600.0)
     }
+}
+
+/// The estimate's cost and how far it was off on the cells verified.
+fn print_agreement(out: &mut dyn Write, r: &SweepResult) {
+    let (Some(e), Some(a)) = (&r.estimate, agreement(r)) else {
+        return;
+    };
+    let num = |v: Option<f64>, digits: usize| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.digits$}"));
+    let _ = writeln!(
+        out,
+        "estimate  {} in {:.3} s; {} of {} cells verified exactly, max |exact − estimate| {} (raw LD), \
+         rank correlation {}",
+        e.method.label(),
+        e.seconds,
+        a.verified,
+        a.cells,
+        num(a.max_abs_error, 4),
+        num(a.rank_correlation, 3)
+    );
 }
 
 /// The clean and corrupted runs, the answers and any warnings, before the cells.
@@ -272,7 +329,7 @@ impl CellsBar {
             progress,
             started: Instant::now(),
             cells: 0,
-            total_cells: result.layers() * result.positions(),
+            total_cells: result.layout().len(),
             quiet,
         }
     }
@@ -282,6 +339,12 @@ impl CellsBar {
         match event {
             SweepEvent::Cell(_) => self.cells += 1,
             SweepEvent::Work(work) => self.progress.work_done(work, elapsed),
+            SweepEvent::Estimated(_) => {}
+            SweepEvent::Planned { cells, work } => {
+                // The cells the estimate left out will not come.
+                self.progress.set_total(work);
+                self.total_cells = cells;
+            }
         }
         let Some(bar) = &self.bar else { return };
         let eta = match self.progress.eta(elapsed) {
@@ -340,14 +403,20 @@ struct Written {
 }
 
 /// Writes every output asked for, each on its own: one that fails does not stop the others.
-fn write_outputs(result: &SweepResult, outputs: &[(&Path, Format)], shown: &Shown) -> Written {
+/// Writes the outputs: the data files (JSON, CSV) from `result`, the ones that draw one metric
+/// (NPY, figures) from `drawn` (the result, or its estimate or the difference, per `--show`).
+fn write_outputs(result: &SweepResult, drawn: &SweepResult, outputs: &[(&Path, Format)], shown: &Shown) -> Written {
     let mut outcome = Written {
         written: Vec::new(),
         failures: Vec::new(),
         json_written: false,
     };
     for &(path, format) in outputs {
-        match export::save_as(result, path, format, shown) {
+        let source = match format {
+            Format::Json | Format::Csv => result,
+            _ => drawn,
+        };
+        match export::save_as(source, path, format, shown) {
             Ok(()) => {
                 outcome.json_written |= format == Format::Json;
                 outcome.written.push(path.display().to_string());

@@ -121,6 +121,10 @@ pub fn to_csv(result: &SweepResult) -> Result<String> {
         "skipped",
     ]);
     header.extend(Metric::ALL.iter().map(|m| m.name()));
+    let estimate = result.estimate.as_ref();
+    if estimate.is_some() {
+        header.extend(["estimate_logit_diff", "estimate_normalized", "verified"]);
+    }
     out.write_record(&header).map_err(fail)?;
     let num = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for (i, at) in layout.cells().enumerate() {
@@ -141,6 +145,11 @@ pub fn to_csv(result: &SweepResult) -> Result<String> {
         row.push(num(result.patched_logit_diff.flat()[i]));
         row.push(result.skipped.flat()[i].to_string());
         row.extend(Metric::ALL.iter().map(|&m| num(result.metric_at(m, i))));
+        if let Some(e) = estimate {
+            row.push(num(e.logit_diff.flat()[i]));
+            row.push(num(e.normalized.flat()[i]));
+            row.push(result.verified.as_ref().is_none_or(|v| v.flat()[i]).to_string());
+        }
         out.write_record(&row).map_err(fail)?;
     }
     let bytes = out

@@ -50,13 +50,49 @@ impl Probes<'_> {
     }
 }
 
-/// x · Wᵀ + b for `x` `[rows, in]`.
+/// x · Wᵀ + b for `x` `[rows, in]`. On the CPU in f32 through [`InputGradLinear`], whose backward
+/// skips the weights' gradient.
 fn linear(x: &Tensor, l: &candle_nn::Linear) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && l.weight().dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op1(InputGradLinear(l.clone()))?);
+    }
     let y = x.matmul(&l.weight().t()?)?;
     Ok(match l.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })
+}
+
+/// A linear layer whose backward gives its input's gradient only. candle's matmul backward also
+/// computes the weights' (as large a matmul as the forward, and a weight-sized sum: for a
+/// 262,144-token unembedding 168 M floats), which attribution never needs.
+struct InputGradLinear(candle_nn::Linear);
+
+impl candle_core::CustomOp1 for InputGradLinear {
+    fn name(&self) -> &'static str {
+        "input-grad-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("input-grad-linear: f32 only");
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("input-grad-linear: contiguous input only");
+        };
+        let x = Tensor::from_slice(&data[a..b], layout.shape(), &candle_core::Device::Cpu)?;
+        let y = super::kernels::skinny::linear(&self.0, &x).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let shape = y.shape().clone();
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(self.0.weight())?))
+    }
 }
 
 /// The norm over the last dimension, in differentiable ops (f32 inside, as HF computes it).
@@ -66,9 +102,7 @@ fn norm(n: &Norm, x: &Tensor) -> Result<Tensor> {
     Ok(match n {
         Norm::Rms { weight, eps } => {
             let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(*eps))?.sqrt()?.recip()?;
-            x.broadcast_mul(&inv)?
-                .to_dtype(dtype)?
-                .broadcast_mul(weight)?
+            x.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(weight)?
         }
         Norm::Layer { weight, bias, eps } => {
             let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
@@ -117,7 +151,9 @@ impl Transformer {
         let seq = ids.len();
         let vocab = self.cfg.vocab_size as u32;
         if seq == 0 || correct >= vocab || incorrect >= vocab {
-            return Err(Error::Internal("site gradients need a prompt and answers in the vocabulary".into()));
+            return Err(Error::Internal(
+                "site gradients need a prompt and answers in the vocabulary".into(),
+            ));
         }
         let positions: Vec<u32> = (0..seq as u32).collect();
         let mut x = self.embed_at(ids, &positions)?;
@@ -200,7 +236,11 @@ impl Transformer {
         let split = |from: usize, n: usize, count: usize| -> Result<Tensor> {
             Ok(qkv.narrow(1, from, n)?.reshape((seq, count, hd))?)
         };
-        let (q, k, v) = (split(0, qd, heads)?, split(qd, kvd, kv_heads)?, split(qd + kvd, kvd, kv_heads)?);
+        let (q, k, v) = (
+            split(0, qd, heads)?,
+            split(qd, kvd, kv_heads)?,
+            split(qd + kvd, kvd, kv_heads)?,
+        );
         let q = match &attn.q_norm {
             Some(n) => norm(n, &q)?,
             None => q,
@@ -299,7 +339,11 @@ mod tests {
         ] {
             let mut cfg = cfg;
             cfg.max_position_embeddings = 64;
-            cfg.rotary_dim = if cfg.family == Family::GptNeoX { 4 } else { cfg.rotary_dim };
+            cfg.rotary_dim = if cfg.family == Family::GptNeoX {
+                4
+            } else {
+                cfg.rotary_dim
+            };
             cfg.parallel_residual = cfg.family == Family::GptNeoX;
             let (t, _) = crate::model::synthetic::build(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
             let plain = t
@@ -313,7 +357,12 @@ mod tests {
             let want = f64::from(plain[3] - plain[11]);
             let sites = [Site::ResidPost, Site::Z, Site::Q];
             let g = t.site_gradients(&ids, 3, 11, &sites).unwrap();
-            assert!((g.logit_diff - want).abs() < 1e-4, "{:?}: {} vs {want}", cfg.family, g.logit_diff);
+            assert!(
+                (g.logit_diff - want).abs() < 1e-4,
+                "{:?}: {} vs {want}",
+                cfg.family,
+                g.logit_diff
+            );
             // A finite difference along the gradient at one site.
             let key = (Site::ResidPost, 0);
             let (act, grad) = (&g.acts[&key], &g.grads[&key]);
@@ -341,7 +390,14 @@ mod tests {
                 f64::from(l[3] - l[11])
             };
             let slope = (ld(step.clone()) - ld(step.neg().unwrap())) / (2.0 * eps);
-            let norm2: f64 = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().into();
+            let norm2: f64 = grad
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .into();
             assert!(
                 (slope - norm2).abs() <= 0.02 * norm2.max(1e-3),
                 "{:?}: finite difference {slope} vs |g|² {norm2}",

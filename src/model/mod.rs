@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 pub use cones::{Cone, PromptsForward};
 pub use config::{ArchConfig, Family};
 pub use decoder::{Forward, HeadActivations, Hooks, LayerKv, NoHooks, Site, Span, Transformer};
-pub use grad::SiteGradients;
 pub use device::{DeviceChoice, DeviceKind, DtypeChoice};
+pub use grad::SiteGradients;
 pub use hub::DownloadProgress;
 pub use tokenizer::TextTokenizer;
 

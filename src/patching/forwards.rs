@@ -11,7 +11,7 @@ use super::heads::HeadPatcher;
 use super::hooks::PatchCells;
 use super::layout::CellAt;
 use super::logits::logits_rows;
-use super::schedule::{Schedule, fast_blocks};
+use super::schedule::{Schedule, fast_blocks, tier_blocks};
 use super::sweep::Sweep;
 use super::{Component, Direction};
 use crate::error::{Error, Result};
@@ -51,6 +51,20 @@ pub(super) fn residual_sites(component: Component) -> Vec<Site> {
 }
 
 impl Sweep<'_> {
+    /// The blocks of one importance tier ([`tier_blocks`]).
+    pub(super) fn tier_blocks(&self, cells: Vec<CellAt>) -> Vec<Vec<CellAt>> {
+        let t = &self.model.transformer;
+        let tensor_attention = !(t.device().is_cpu() && t.dtype() == DType::F32);
+        let rows = |&at: &CellAt| self.layout.positions - self.cost.cone_offset(at);
+        tier_blocks(
+            cells,
+            &self.model.config,
+            self.layout.positions,
+            tensor_attention,
+            &rows,
+        )
+    }
+
     /// The fast schedule's blocks of `cells` ([`fast_blocks`]).
     pub(super) fn fast_blocks(&self, cells: Vec<CellAt>) -> Vec<Vec<CellAt>> {
         let t = &self.model.transformer;

@@ -24,6 +24,15 @@ impl<T: Clone> Grid<T> {
 }
 
 impl<T> Grid<T> {
+    /// A grid of `shape` holding `data` row-major.
+    ///
+    /// # Panics
+    /// When `data` does not have one value per cell (a bug in the caller).
+    pub fn from_flat(shape: Vec<usize>, data: Vec<T>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "one value per cell");
+        Self { shape, data }
+    }
+
     /// The grid's shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape

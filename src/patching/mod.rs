@@ -2,6 +2,7 @@
 //! positions (× heads), results.
 
 pub mod cost;
+pub mod estimate;
 mod forwards;
 pub mod grid;
 mod heads;

@@ -13,6 +13,11 @@ pub enum SweepEvent<'a> {
     /// More work is done, in the units of [`Sweep::progress`] (token-layers); negative when a
     /// block that failed and will be retried takes back what it had reported.
     Work(f64),
+    /// Every cell's attribution-patching estimate, before any exact cell.
+    Estimated(&'a crate::patching::estimate::Attribution),
+    /// After the estimate chose the exact cells: how many cells the sweep reports in all (the
+    /// no-op cells included) and the work they are (the sweep's new total).
+    Planned { cells: usize, work: f64 },
 }
 
 /// How far a running sweep has got by the work done rather than the cells, and when it should end:
@@ -50,6 +55,11 @@ impl Progress {
         while self.samples.len() > 2 && self.samples[1].0 <= elapsed - PROGRESS_RATE_WINDOW {
             self.samples.pop_front();
         }
+    }
+
+    /// Sets the work there is to do (after an estimate chose which cells are computed).
+    pub fn set_total(&mut self, total: f64) {
+        self.total = total;
     }
 
     /// The work there is to do.

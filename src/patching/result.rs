@@ -215,6 +215,12 @@ pub struct SweepResult {
     /// A note for the reader, e.g. why `values` are null.
     pub warnings: Vec<String>,
     pub timing: Timing,
+    /// The attribution-patching estimate of every cell (`--estimate`), when one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<crate::patching::estimate::Attribution>,
+    /// With an estimate: which cells were computed exactly (elsewhere `values` is null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Grid<bool>>,
 }
 
 fn default_axes() -> Vec<Axis> {
@@ -323,6 +329,8 @@ impl SweepResult {
                 load_seconds,
                 ..Timing::default()
             },
+            estimate: None,
+            verified: None,
         }
     }
 
@@ -462,9 +470,23 @@ impl SweepResult {
         let object = value
             .as_object_mut()
             .ok_or_else(|| serde_json::Error::custom("not a JSON object"))?;
-        for field in ["values", "patched_logit_diff", "skipped", "top_k", "answer_logits"] {
-            if let Some(v) = object.get_mut(field) {
+        for field in [
+            "values",
+            "patched_logit_diff",
+            "skipped",
+            "top_k",
+            "answer_logits",
+            "verified",
+        ] {
+            if let Some(v) = object.get_mut(field).filter(|v| !v.is_null()) {
                 *v = grid::wire(v.take(), &shape)?;
+            }
+        }
+        if let Some(serde_json::Value::Object(estimate)) = object.get_mut("estimate") {
+            for field in ["logit_diff", "normalized"] {
+                if let Some(v) = estimate.get_mut(field) {
+                    *v = grid::wire(v.take(), &shape)?;
+                }
             }
         }
         if let Some(serde_json::Value::Object(metrics)) = object.get_mut("metrics") {

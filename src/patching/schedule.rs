@@ -187,7 +187,13 @@ pub(crate) fn fast_blocks(
     cost: &dyn Fn(&CellAt) -> usize,
     rows: &dyn Fn(&CellAt) -> usize,
 ) -> Vec<Vec<CellAt>> {
-    // Late layers first, late positions first within a layer; then heads and block parts in order.
+    late_layers_first(&mut cells);
+    let (max_cells, max_rows) = block_bounds(cfg, seq, tensor_attention);
+    pack_blocks(&cells, cost, rows, max_cells, max_rows)
+}
+
+/// Late layers first, late positions first within a layer; then heads and block parts in order.
+fn late_layers_first(cells: &mut [CellAt]) {
     cells.sort_by(|a, b| {
         b.layer
             .cmp(&a.layer)
@@ -195,6 +201,40 @@ pub(crate) fn fast_blocks(
             .then(a.head.cmp(&b.head))
             .then(a.part.cmp(&b.part))
     });
+}
+
+/// One tier of cells an estimate ranked together, as few blocks as the memory bounds allow (late
+/// layers first within it): the tier's cells all matter about as much, so they share forwards.
+pub(crate) fn tier_blocks(
+    mut cells: Vec<CellAt>,
+    cfg: &ArchConfig,
+    seq: usize,
+    tensor_attention: bool,
+    rows: &dyn Fn(&CellAt) -> usize,
+) -> Vec<Vec<CellAt>> {
+    late_layers_first(&mut cells);
+    let (max_cells, max_rows) = block_bounds(cfg, seq, tensor_attention);
+    let mut blocks: Vec<Vec<CellAt>> = Vec::new();
+    let mut packed = 0;
+    for cell in cells {
+        let r = rows(&cell);
+        match blocks.last_mut() {
+            Some(block) if block.len() < max_cells && packed + r <= max_rows => {
+                block.push(cell);
+                packed += r;
+            }
+            _ => {
+                blocks.push(vec![cell]);
+                packed = r;
+            }
+        }
+    }
+    blocks
+}
+
+/// The most cells and packed token rows one block may hold: its logits and its activations stay
+/// within [`FAST_MAX_BLOCK_LOGIT_BYTES`] and [`FAST_MAX_BLOCK_ACTIVATION_BYTES`].
+fn block_bounds(cfg: &ArchConfig, seq: usize, tensor_attention: bool) -> (usize, usize) {
     let max_cells = (FAST_MAX_BLOCK_LOGIT_BYTES / (4 * cfg.vocab_size.max(1))).max(1);
     // A packed token row's activations in one layer: the residual stream and its copies (norm,
     // attention output, resid_mid, MLP output), queries, keys and values, and the MLP's gate,
@@ -210,7 +250,7 @@ pub(crate) fn fast_blocks(
         * (5 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + 3 * cfg.intermediate_size)
         + attention_bytes;
     let max_rows = (FAST_MAX_BLOCK_ACTIVATION_BYTES / row_bytes.max(1)).max(seq);
-    pack_blocks(&cells, cost, rows, max_cells, max_rows)
+    (max_cells, max_rows)
 }
 
 #[cfg(test)]

@@ -29,7 +29,9 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::cost::CostModel;
+use super::estimate::{Attribution, EstimateMethod, Exact, choose_exact, importance_tiers};
 use super::forwards::{patched_stream, residual_sites};
+use super::grid::Grid;
 use super::heads::HeadPatcher;
 use super::hooks::SourceActs;
 use super::layout::{CellAt, Layout};
@@ -65,6 +67,13 @@ pub struct SweepOptions {
     /// exact zeros, as the fast schedule does. `false` runs a forward for them too, as a notebook
     /// loop does (the benchmark's baseline); their values then come out as ~0 rather than exactly 0.
     pub skip_noops: bool,
+    /// Estimate every cell first by attribution patching ([`Sweep::attribution`]), then compute
+    /// the exact cells in order of estimated importance.
+    pub estimate: Option<EstimateMethod>,
+    /// With an estimate: which cells are computed exactly.
+    pub exact: Exact,
+    /// With an estimate: this many more cells, drawn at random from those `exact` leaves out.
+    pub sample: usize,
 }
 
 impl Default for SweepOptions {
@@ -74,6 +83,9 @@ impl Default for SweepOptions {
             top_k: DEFAULT_TOP_K,
             batch_cells: DEFAULT_BATCH_CELLS,
             skip_noops: true,
+            estimate: None,
+            exact: Exact::All,
+            sample: 0,
         }
     }
 }
@@ -307,6 +319,7 @@ impl<'m> Sweep<'m> {
         observe: &mut dyn FnMut(SweepEvent<'_>),
     ) -> Result<SweepResult> {
         let start = Instant::now();
+        let attribution = self.attribute(options, observe);
         let skip_noops = options.schedule == Schedule::Fast || options.skip_noops;
         let (noops, mut cells): (Vec<CellAt>, Vec<CellAt>) =
             self.layout.cells().partition(|&at| skip_noops && self.is_noop(at));
@@ -315,11 +328,29 @@ impl<'m> Sweep<'m> {
         if options.schedule == Schedule::Fast && self.emit_last_layer(options.top_k, observe) {
             cells.retain(|at| at.layer != last);
         }
+        let ordered = attribution.is_some();
+        if let Some(a) = &attribution {
+            a.by_importance(self.target_logit_diff(), &mut cells, |at| self.layout.index(at));
+            let before = cells.len();
+            cells = choose_exact(cells, options.exact, options.sample);
+            let work: f64 = cells
+                .iter()
+                .map(|&at| self.cost.cell_cost(options.schedule, at) as f64)
+                .sum();
+            observe(SweepEvent::Planned {
+                cells: self.layout.len() - (before - cells.len()),
+                work,
+            });
+        }
         let naive_setup = match options.schedule {
             Schedule::Naive if self.layout.component.has_heads() => self.cache_source_heads(),
             _ => Ok(()),
         };
         let blocks: Vec<Vec<CellAt>> = match options.schedule {
+            Schedule::Fast if ordered => importance_tiers(cells)
+                .into_iter()
+                .flat_map(|tier| self.tier_blocks(tier))
+                .collect(),
             Schedule::Fast => self.fast_blocks(cells),
             Schedule::Naive => cells
                 .chunks(options.batch_cells.max(1))
@@ -369,12 +400,51 @@ impl<'m> Sweep<'m> {
                  {most} cells per forward"
             ));
         }
+        if let Some(a) = attribution {
+            self.result.verified = Some(Grid::from_flat(
+                self.layout.shape(),
+                self.result
+                    .patched_logit_diff
+                    .flat()
+                    .iter()
+                    .map(Option::is_some)
+                    .collect(),
+            ));
+            self.result.estimate = Some(a);
+        }
         self.result.complete = !run.cancelled && run.error.is_none();
         self.result.error = run.error.map(|e| e.to_string());
         self.result.timing.schedule = options.schedule;
         self.result.timing.baseline_seconds = self.baseline_seconds;
         self.result.timing.sweep_seconds = self.baseline_seconds + start.elapsed().as_secs_f64();
         Ok(self.result)
+    }
+
+    /// The estimate `options` ask for, reported to `observe`; a failed one becomes a warning and
+    /// the sweep goes on exactly.
+    fn attribute(&mut self, options: &SweepOptions, observe: &mut dyn FnMut(SweepEvent<'_>)) -> Option<Attribution> {
+        let method = options.estimate?;
+        match self.attribution(method) {
+            Ok(a) => {
+                observe(SweepEvent::Estimated(&a));
+                Some(a)
+            }
+            Err(e) => {
+                self.result.warnings.push(format!(
+                    "the {} estimate failed ({e}); the cells are computed exactly",
+                    method.name()
+                ));
+                None
+            }
+        }
+    }
+
+    /// The target run's logit difference (the corrupted run's when denoising).
+    pub fn target_logit_diff(&self) -> f64 {
+        match self.result.direction {
+            Direction::Denoising => self.result.corrupted_logit_diff,
+            Direction::Noising => self.result.clean_logit_diff,
+        }
     }
 
     /// Whether patching `at` cannot change anything ([`Layout::is_noop`]).
