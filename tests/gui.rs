@@ -432,3 +432,49 @@ fn gpt2_prepend_bos_is_offered_shown_as_chip_0_and_recorded() {
         "the reason is shown under the picker"
     );
 }
+
+#[test]
+fn the_estimate_is_drawn_first_then_the_top_cells_verified_and_both_shown() {
+    let dir = TempDir::new("gui-estimate");
+    let mut h = harness(&write_tiny(&dir, "tiny-qwen3"));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+    // The default: an AtP* estimate first. Verify only the top 5, through the picker.
+    assert!(h.query_by_label("Estimate first").is_some());
+    h.get_by_label("verified exactly").click();
+    h.run_steps(2);
+    h.get_by_label("the top").click();
+    h.run_steps(2);
+    h.state_mut().settings_mut().verify_top = 5;
+    h.get_by_label("Run").click();
+    wait_until(&mut h, "the sweep to finish", |a| {
+        a.result().is_some_and(|r| r.complete) && !a.is_busy()
+    });
+    let r = h.state().result().unwrap().clone();
+    let estimate = r.estimate.as_ref().expect("the sweep drew an estimate");
+    assert!(estimate.logit_diff.flat().iter().all(Option::is_some));
+    let verified = r.verified.as_ref().unwrap().flat().iter().filter(|v| **v).count();
+    let skipped = r.skipped.flat().iter().filter(|s| **s).count();
+    // The no-op cells, the last layer's (free with the baselines) and the top 5.
+    assert_eq!(verified, skipped + 7 + 5);
+    assert!(
+        h.query_by_label_contains("verified · max |exact − est|").is_some(),
+        "the status bar says how far the estimate was off"
+    );
+    assert!(
+        h.query_by_label_contains("AtP* estimate vs exact").is_some(),
+        "the scatter"
+    );
+    // An unverified cell shows its estimate, marked as one.
+    let layout = r.layout();
+    let unverified = (0..layout.len())
+        .find(|&i| !r.verified.as_ref().unwrap().flat()[i])
+        .expect("an unverified cell");
+    let at = layout.at(unverified);
+    let pos = h
+        .state()
+        .cell_screen_pos(at.layer, at.position.unwrap())
+        .expect("heatmap drawn");
+    click_at(&mut h, pos);
+    assert!(h.query_by_label_contains("not verified yet; AtP* estimate").is_some());
+    assert!(h.query_by_label_contains("normalized ≈").is_some());
+}

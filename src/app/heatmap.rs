@@ -11,6 +11,28 @@ use crate::patching::{Axis, Metric, View};
 
 /// Colour of cells not computed yet.
 pub const PENDING: Color32 = Color32::from_gray(60);
+/// Texture pixels per cell side when a sweep has an estimate (room for the hatching).
+const HATCH: usize = 4;
+/// The hatching over cells that still show the estimate.
+const ESTIMATE_HATCH: Color32 = Color32::from_gray(120);
+
+/// An estimated cell's colour: halfway to the pending grey, so exact cells stand out.
+fn pale(c: Color32) -> Color32 {
+    let mix = |a: u8, b: u8| ((u16::from(a) + u16::from(b)) / 2) as u8;
+    let g = PENDING.r();
+    Color32::from_rgb(mix(c.r(), g), mix(c.g(), g), mix(c.b(), g))
+}
+
+/// The estimate of `metric` per cell, when the result has one and the metric is estimated
+/// (the logit difference and the normalized metric; the others are not linear in the activation).
+pub fn estimate_grid(result: &SweepResult, metric: Metric) -> Option<&[Option<f64>]> {
+    let e = result.estimate.as_ref()?;
+    match metric {
+        Metric::LogitDiff => Some(e.logit_diff.flat()),
+        Metric::Normalized => Some(e.normalized.flat()),
+        _ => None,
+    }
+}
 const COLORBAR_WIDTH: f32 = 64.0;
 /// Room egui_plot takes left of the plot for the layer axis (on top of `Plot::width`).
 const Y_AXIS_WIDTH: f32 = 60.0;
@@ -100,27 +122,46 @@ impl Heatmap {
         result.layout().view(self.slice)
     }
 
+    /// One texture pixel per cell; with an estimate, [`HATCH`] × [`HATCH`] per cell so that cells
+    /// still showing the estimate are drawn pale and hatched, the exact ones solid.
     fn image(result: &SweepResult, view: &View, metric: Metric, scale: &Scale) -> ColorImage {
         let layout = result.layout();
         let (layers, positions) = (view.rows, view.cols);
-        let mut pixels = Vec::with_capacity(layers * positions);
         let values = result.metric_grid(metric).map(|g| g.flat());
+        let estimate = estimate_grid(result, metric);
+        let px = if result.estimate.is_some() { HATCH } else { 1 };
+        let (width, height) = (positions.max(1) * px, layers.max(1) * px);
+        let mut pixels = vec![PENDING; width * height];
+        let rgb = |v: f64| {
+            let [r, g, b] = scale.color(v);
+            Color32::from_rgb(r, g, b)
+        };
         for l in 0..layers {
             for p in 0..positions {
                 let i = layout.index(layout.view_cell(view, l, p));
                 let value = values.and_then(|v| v.get(i).copied().flatten());
-                let color = match (value, result.patched_logit_diff.flat()[i]) {
-                    (Some(v), _) => {
-                        let [r, g, b] = scale.color(v);
-                        Color32::from_rgb(r, g, b)
-                    }
-                    (None, Some(_)) => Color32::from_gray(247), // computed, metric undefined
-                    (None, None) => PENDING,
+                let (color, estimated) = match (value, result.patched_logit_diff.flat()[i]) {
+                    (Some(v), _) => (rgb(v), false),
+                    (None, Some(_)) => (Color32::from_gray(247), false), // computed, metric undefined
+                    (None, None) => match estimate.and_then(|e| e[i]) {
+                        Some(v) => (rgb(v), true),
+                        None => (PENDING, false),
+                    },
                 };
-                pixels.push(color);
+                for y in 0..px {
+                    for x in 0..px {
+                        pixels[(l * px + y) * width + p * px + x] = if !estimated {
+                            color
+                        } else if (x + y) % HATCH == 0 {
+                            ESTIMATE_HATCH
+                        } else {
+                            pale(color)
+                        };
+                    }
+                }
             }
         }
-        ColorImage::new([positions.max(1), layers.max(1)], pixels)
+        ColorImage::new([width, height], pixels)
     }
 
     /// Draws the heatmap with its colorbar and returns hover/click.
@@ -329,9 +370,32 @@ pub fn cell_summary(ui: &mut Ui, r: &SweepResult, view: &View, row: usize, col: 
                 ));
             }
         }
-        (false, None) => {
-            ui.label("not computed yet");
-        }
+        (false, None) => match &r.estimate {
+            Some(e) => {
+                ui.label(format!("not verified yet; {} estimate:", e.method.label()));
+                let (ld, norm) = (e.logit_diff.flat()[i], e.normalized.flat()[i]);
+                let num = |v: Option<f64>| v.map_or_else(|| "undefined".into(), |v| format!("≈ {v:+.4}"));
+                ui.label(format!("normalized {}", num(norm)));
+                ui.label(format!("logit_diff {}", num(ld)));
+                ui.label(
+                    egui::RichText::new("the other metrics are not estimated: they are not linear in the activation")
+                        .small(),
+                );
+            }
+            None => {
+                ui.label("not computed yet");
+            }
+        },
+    }
+    if let (Some(e), Some(exact)) = (&r.estimate, r.patched_logit_diff.flat()[i])
+        && !r.skipped.flat()[i]
+        && let Some(est) = e.logit_diff.flat()[i]
+    {
+        ui.label(format!(
+            "{} estimate was {est:+.4} logit_diff (off by {:+.4})",
+            e.method.label(),
+            est - exact
+        ));
     }
 }
 

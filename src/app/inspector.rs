@@ -34,6 +34,9 @@ impl PatchbayApp {
         for w in &r.warnings {
             ui.label(RichText::new(w).color(ERROR_TEXT).small());
         }
+        if r.estimate.is_some() {
+            estimate_scatter(ui, r, self.heatmap.metric);
+        }
         ui.separator();
         let v = self.heatmap.view(r);
         let Some((l, p)) = self.selected.filter(|&(l, p)| l < v.rows && p < v.cols) else {
@@ -217,5 +220,57 @@ fn top_table(ui: &mut Ui, title: &str, top: &[TopToken], r: &SweepResult) {
             ui.label(format!("{:.3}", t.prob));
             ui.end_row();
         }
+    });
+}
+
+/// Height of the estimate-against-exact scatter.
+const SCATTER_HEIGHT: f32 = 170.0;
+
+/// The verified cells' estimate (x) against their exact value (y), with the diagonal: how far the
+/// estimate can be trusted on the cells not verified yet.
+fn estimate_scatter(ui: &mut Ui, r: &SweepResult, metric: crate::patching::Metric) {
+    use crate::patching::Metric;
+    use egui_plot::{Line, Plot, Points};
+    let Some(e) = &r.estimate else { return };
+    // The estimate has the logit difference and the normalized metric; other metrics show the latter.
+    let (exact, est, name) = match metric {
+        Metric::LogitDiff => (r.patched_logit_diff.flat(), e.logit_diff.flat(), "logit_diff"),
+        _ => (r.values.flat(), e.normalized.flat(), "normalized"),
+    };
+    let points: Vec<[f64; 2]> = exact
+        .iter()
+        .zip(est)
+        .zip(r.skipped.flat())
+        .filter(|(_, skipped)| !**skipped)
+        .filter_map(|((x, e), _)| Some([(*e)?, (*x)?]))
+        .collect();
+    egui::CollapsingHeader::new(format!(
+        "{} estimate vs exact ({} cells)",
+        e.method.label(),
+        points.len()
+    ))
+    .default_open(true)
+    .show(ui, |ui| {
+        let (lo, hi) = points
+            .iter()
+            .flatten()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        let (lo, hi) = if lo < hi { (lo, hi) } else { (-1.0, 1.0) };
+        Plot::new("estimate scatter")
+            .height(SCATTER_HEIGHT)
+            .data_aspect(1.0)
+            .x_axis_label(format!("estimate ({name})"))
+            .y_axis_label("exact")
+            .allow_scroll(false)
+            .show(ui, |plot| {
+                plot.line(Line::new("exact = estimate", vec![[lo, lo], [hi, hi]]).color(Color32::from_gray(140)));
+                plot.points(
+                    Points::new("verified cells", points)
+                        .radius(2.5)
+                        .color(Color32::from_rgb(90, 150, 230)),
+                );
+            });
     });
 }

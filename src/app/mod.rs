@@ -182,10 +182,12 @@ impl PatchbayApp {
             by_position: self.settings.by_position && self.settings.component.has_heads(),
             prepend_bos: self.prepend_bos(),
         };
-        if !self.worker.send(Command::RunSweep {
-            request,
-            options: self.sweep_options,
-        }) {
+        let options = SweepOptions {
+            estimate: self.settings.estimate,
+            exact: self.settings.exact(),
+            ..self.sweep_options
+        };
+        if !self.worker.send(Command::RunSweep { request, options }) {
             self.sweep_error = Some("the worker is not accepting work (busy queue); try again".into());
         }
     }

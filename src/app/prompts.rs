@@ -6,9 +6,11 @@ use std::sync::Arc;
 use egui::{Color32, RichText, Ui};
 
 use super::presets::presets;
+use super::settings::Verify;
 use super::{DIFF_FILL, ERROR_TEXT, OK_TEXT, PatchbayApp};
 use crate::model::TextTokenizer;
 use crate::patching::cost::CostModel;
+use crate::patching::estimate::EstimateMethod;
 use crate::patching::{Component, Direction, Layout, Metric};
 
 /// A prompt editor grows to this height, then scrolls.
@@ -83,6 +85,59 @@ impl PatchbayApp {
             self.heatmap.metric = self.settings.metric;
             self.heatmap.mark_dirty();
         }
+        self.estimate_pickers(ui);
+    }
+
+    /// Whether Run draws an attribution-patching estimate first, and which cells it verifies.
+    fn estimate_pickers(&mut self, ui: &mut Ui) {
+        ui.horizontal(|ui| {
+            let mut on = self.settings.estimate.is_some();
+            ui.checkbox(&mut on, "Estimate first").on_hover_text(
+                "Attribution patching: every cell estimated at once from one forward and one backward \
+                     (drawn pale and hatched), then exact cells replace it, largest estimated effect first",
+            );
+            if on != self.settings.estimate.is_some() {
+                self.settings.estimate = on.then_some(EstimateMethod::AtpStar);
+            }
+            if let Some(method) = &mut self.settings.estimate {
+                egui::ComboBox::from_label("method")
+                    .selected_text(method.label())
+                    .show_ui(ui, |ui| {
+                        for m in EstimateMethod::ALL {
+                            ui.selectable_value(method, m, m.label()).on_hover_text(match m {
+                                EstimateMethod::AtpStar => {
+                                    "AtP*: queries and keys through the exact attention softmax (Kramár et al. 2024)"
+                                }
+                                EstimateMethod::Atp => "AtP: first order through everything (Nanda 2023)",
+                            });
+                        }
+                    });
+            }
+        });
+        if self.settings.estimate.is_none() {
+            return;
+        }
+        ui.horizontal(|ui| {
+            egui::ComboBox::from_label("verified exactly")
+                .selected_text(match self.settings.verify {
+                    Verify::All => "all cells",
+                    Verify::Top => "the top",
+                    Verify::None => "none",
+                })
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.settings.verify, Verify::All, "all cells");
+                    ui.selectable_value(&mut self.settings.verify, Verify::Top, "the top");
+                    ui.selectable_value(&mut self.settings.verify, Verify::None, "none");
+                })
+                .response
+                .on_hover_text("Which cells are computed exactly after the estimate, most important first");
+            if self.settings.verify == Verify::Top {
+                let label = ui.label("cells:");
+                ui.add(egui::DragValue::new(&mut self.settings.verify_top).range(1..=1_000_000))
+                    .labelled_by(label.id)
+                    .on_hover_text("How many cells, by estimated effect");
+            }
+        });
     }
 
     /// The teaching presets, and the chosen one's note on what to look for. With a model loaded,

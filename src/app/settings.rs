@@ -6,8 +6,24 @@ use serde::{Deserialize, Serialize};
 
 use super::presets::{Preset, presets};
 use crate::model::{DEFAULT_MODEL, DeviceChoice, DtypeChoice};
+use crate::patching::estimate::{EstimateMethod, Exact};
 use crate::patching::sweep::DEFAULT_MAX_CELLS;
 use crate::patching::{Component, Direction, Metric};
+
+/// Which cells a sweep with an estimate verifies exactly (see [`crate::patching::estimate::Exact`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Verify {
+    /// Every cell, most important first.
+    #[default]
+    All,
+    /// The [`Settings::verify_top`] cells of largest estimated effect.
+    Top,
+    /// None: the estimate alone.
+    None,
+}
+
+/// The "verify the top K" default.
+pub const DEFAULT_VERIFY_TOP: usize = 200;
 
 /// How many recently used models the picker remembers.
 const RECENT_MODELS: usize = 8;
@@ -32,6 +48,11 @@ pub struct Settings {
     pub prepend_bos: bool,
     /// The metric the heatmap shows (every metric is computed; switching redraws).
     pub metric: Metric,
+    /// Draw an attribution-patching estimate of every cell first (None: exact cells only).
+    pub estimate: Option<EstimateMethod>,
+    /// With an estimate: which cells are verified exactly.
+    pub verify: Verify,
+    pub verify_top: usize,
     pub preset: Option<String>,
     pub auto_range: bool,
     /// Run asks for confirmation first when a sweep has more cells to compute than this.
@@ -56,6 +77,9 @@ impl Default for Settings {
             direction: Direction::Denoising,
             prepend_bos: false,
             metric: Metric::Normalized,
+            estimate: Some(EstimateMethod::AtpStar),
+            verify: Verify::All,
+            verify_top: DEFAULT_VERIFY_TOP,
             preset: None,
             auto_range: false,
             confirm_above_cells: DEFAULT_MAX_CELLS,
@@ -78,6 +102,15 @@ impl Settings {
         self.by_position = p.by_position;
         self.direction = p.direction;
         self.preset = Some(p.name.clone());
+    }
+
+    /// The exact cells the settings ask for.
+    pub fn exact(&self) -> Exact {
+        match self.verify {
+            Verify::All => Exact::All,
+            Verify::Top => Exact::Top(self.verify_top),
+            Verify::None => Exact::None,
+        }
     }
 
     pub(super) fn remember_model(&mut self, spec: &str) {
@@ -113,6 +146,9 @@ pub struct Overrides {
     pub by_position: Option<bool>,
     pub direction: Option<Direction>,
     pub prepend_bos: Option<bool>,
+    /// `Some(None)`: no estimate; `Some(Some(m))`: estimate with `m`.
+    pub estimate: Option<Option<EstimateMethod>>,
+    pub exact: Option<Exact>,
     pub metric: Option<Metric>,
     pub device: Option<DeviceChoice>,
     pub dtype: Option<DtypeChoice>,
@@ -145,6 +181,18 @@ impl Overrides {
         }
         if let Some(b) = self.prepend_bos {
             settings.prepend_bos = b;
+        }
+        if let Some(e) = self.estimate {
+            settings.estimate = e;
+        }
+        match self.exact {
+            Some(Exact::All) => settings.verify = Verify::All,
+            Some(Exact::None) => settings.verify = Verify::None,
+            Some(Exact::Top(k)) => {
+                settings.verify = Verify::Top;
+                settings.verify_top = k;
+            }
+            None => {}
         }
         if let Some(m) = self.metric {
             settings.metric = m;

@@ -40,6 +40,22 @@ impl PatchbayApp {
                 },
             };
             ui.label(state);
+            if let (Some(e), Some(a)) = (&r.estimate, crate::patching::estimate::agreement(r)) {
+                ui.separator();
+                let num = |v: Option<f64>, d: usize| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.d$}"));
+                ui.label(format!(
+                    "{} estimate · {}/{} verified · max |exact − est| {} · rank ρ {}",
+                    e.method.label(),
+                    a.verified,
+                    a.cells,
+                    num(a.max_abs_error, 3),
+                    num(a.rank_correlation, 2)
+                ))
+                .on_hover_text(
+                    "How far the estimate has been off on the cells verified so far: the largest difference in raw \
+                     logit difference, and Spearman's rank correlation of exact and estimated values",
+                );
+            }
             ui.separator();
             ui.label(format!(
                 "{} · {}{} · {} · {}",

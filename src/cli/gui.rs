@@ -6,6 +6,7 @@ use clap::Args;
 
 use patchbay::app::{Overrides, PatchbayApp, StartOptions};
 use patchbay::model::{DeviceChoice, DtypeChoice};
+use patchbay::patching::estimate::{EstimateMethod, Exact};
 use patchbay::patching::{Component, Direction, Metric};
 use patchbay::{Error, Result};
 
@@ -45,6 +46,12 @@ pub struct GuiArgs {
     /// Put the model's BOS before both prompts where its tokenizer adds none (GPT-2).
     #[arg(long)]
     pub prepend_bos: bool,
+    /// Draw an attribution-patching estimate first (atp-star, atp), or not (off).
+    #[arg(long)]
+    pub estimate: Option<EstimateChoice>,
+    /// With an estimate: which cells are verified exactly: all, top:K or none.
+    #[arg(long)]
+    pub exact: Option<Exact>,
     /// The metric the heatmap shows.
     #[arg(long, value_enum)]
     pub metric: Option<Metric>,
@@ -54,6 +61,14 @@ pub struct GuiArgs {
     /// Precision (auto: f32 on CPU, bf16 on CUDA).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeChoice>,
+}
+
+/// `--estimate`: a method, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EstimateChoice {
+    AtpStar,
+    Atp,
+    Off,
 }
 
 /// Opens the desktop app; returns when its window closes.
@@ -72,6 +87,12 @@ pub fn run(args: GuiArgs) -> Result<()> {
             by_position: args.by_position.then_some(true),
             direction: args.direction,
             prepend_bos: args.prepend_bos.then_some(true),
+            estimate: args.estimate.map(|e| match e {
+                EstimateChoice::Off => None,
+                EstimateChoice::Atp => Some(EstimateMethod::Atp),
+                EstimateChoice::AtpStar => Some(EstimateMethod::AtpStar),
+            }),
+            exact: args.exact,
             metric: args.metric,
             device: args.device,
             dtype: args.dtype,
