@@ -621,3 +621,77 @@ fn cli_head_sweeps_by_position_noising_under_kl() {
     assert!(header.contains("'shape': (3, 16, 2)"), "{header}");
     assert_eq!(bytes.len() % 64, (3 * 16 * 2 * 8) % 64);
 }
+
+/// `--estimate` draws the estimate, `--exact top:K --sample S` verifies the top K and S more, the
+/// JSON and CSV carry the estimate and the verified mask, and `--show` draws the estimate or the
+/// difference (refused without an estimate).
+#[test]
+fn cli_estimate_verifies_the_top_cells_and_writes_the_estimate() {
+    let dir = TempDir::new("cli-estimate");
+    let model = write_tiny(&dir, "tiny-qwen3");
+    let (json, csv, npy) = (dir.0.join("r.json"), dir.0.join("r.csv"), dir.0.join("est.npy"));
+    let args = ioi_sweep(
+        &model,
+        &[
+            "--estimate",
+            "atp-star",
+            "--exact",
+            "top:4",
+            "--sample",
+            "2",
+            "--show",
+            "estimate",
+            "--out",
+            json.to_str().unwrap(),
+            "--csv",
+            csv.to_str().unwrap(),
+            "--npy",
+            npy.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    let (code, stdout, stderr) = patchbay(&args, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("estimate  AtP* in"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["estimate"]["method"], "atp_star");
+    let verified: Vec<bool> = r["verified"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_bool().unwrap()))
+        .collect();
+    let skipped = r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().clone())
+        .filter(|v| v.as_bool().unwrap())
+        .count();
+    // No-op cells, the last layer's 7 (free with the baselines), the top 4 and 2 sampled.
+    assert_eq!(verified.iter().filter(|v| **v).count(), skipped + 7 + 4 + 2);
+    let header = std::fs::read_to_string(&csv).unwrap();
+    assert!(
+        header
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("estimate_logit_diff,estimate_normalized,verified")
+    );
+    // The .npy holds the estimate of every cell (no NaN where a cell was not verified).
+    let bytes = std::fs::read(&npy).unwrap();
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let values: Vec<f64> = bytes[10 + header_len..]
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(values.len(), verified.len());
+    assert!(values.iter().all(|v| v.is_finite()), "{values:?}");
+
+    let (code, _, stderr) = patchbay(&ioi_sweep(&model, &["--show", "difference", "-q"]), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--show estimate and --show difference need an estimate"),
+        "{stderr}"
+    );
+}

@@ -13,14 +13,14 @@ use crate::patching::{Axis, Metric, View};
 pub const PENDING: Color32 = Color32::from_gray(60);
 /// Texture pixels per cell side when a sweep has an estimate (room for the hatching).
 const HATCH: usize = 4;
-/// The hatching over cells that still show the estimate.
-const ESTIMATE_HATCH: Color32 = Color32::from_gray(120);
+/// The grey estimated cells are drawn towards: a third of the way for the cell, two thirds for
+/// its hatching, so the estimate's colours stay readable and exact cells stand out.
+const ESTIMATE_GREY: u8 = 110;
 
-/// An estimated cell's colour: halfway to the pending grey, so exact cells stand out.
-fn pale(c: Color32) -> Color32 {
-    let mix = |a: u8, b: u8| ((u16::from(a) + u16::from(b)) / 2) as u8;
-    let g = PENDING.r();
-    Color32::from_rgb(mix(c.r(), g), mix(c.g(), g), mix(c.b(), g))
+/// `c` moved `share` of the way to [`ESTIMATE_GREY`].
+fn towards_grey(c: Color32, share: f32) -> Color32 {
+    let mix = |a: u8| (f32::from(a) * (1.0 - share) + f32::from(ESTIMATE_GREY) * share) as u8;
+    Color32::from_rgb(mix(c.r()), mix(c.g()), mix(c.b()))
 }
 
 /// The estimate of `metric` per cell, when the result has one and the metric is estimated
@@ -153,9 +153,9 @@ impl Heatmap {
                         pixels[(l * px + y) * width + p * px + x] = if !estimated {
                             color
                         } else if (x + y) % HATCH == 0 {
-                            ESTIMATE_HATCH
+                            towards_grey(color, 0.65)
                         } else {
-                            pale(color)
+                            towards_grey(color, 0.3)
                         };
                     }
                 }
