@@ -11,6 +11,7 @@
 
 #[cfg(feature = "gui")]
 pub mod app;
+pub mod dataset;
 pub mod error;
 pub mod export;
 pub mod model;

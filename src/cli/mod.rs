@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_estimate;
+mod dataset;
 #[cfg(feature = "gui")]
 mod gui;
 mod info;

@@ -10,6 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{ModelArgs, PatchArgs, load_model};
+use patchbay::dataset::templates::Template;
 use patchbay::export::Shown;
 use patchbay::export::data::STDOUT;
 use patchbay::export::{self, Format};
@@ -20,6 +21,28 @@ use patchbay::patching::{
     Axis, Metric, Progress, Schedule, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult,
 };
 use patchbay::{Error, Result};
+
+/// Datasets: a file of pairs, or a built-in template.
+#[derive(Debug, Clone, Args)]
+pub struct DatasetArgs {
+    /// Sweep every pair of a JSONL or CSV file (fields clean, corrupted, correct, incorrect and
+    /// optionally label) and show the mean over pairs.
+    #[arg(long, conflicts_with_all = ["template", "clean", "corrupted", "correct", "incorrect"])]
+    pub pairs: Option<PathBuf>,
+    /// Generate the pairs for the model's tokenizer instead: ioi, greater-than or factual.
+    #[arg(long, value_enum, conflicts_with_all = ["clean", "corrupted", "correct", "incorrect"])]
+    pub template: Option<Template>,
+    /// With --template: how many pairs.
+    #[arg(long, default_value_t = 32, requires = "template")]
+    pub n: usize,
+    /// With --template: the random seed (the same seed gives the same pairs).
+    #[arg(long, default_value_t = 0, requires = "template")]
+    pub seed: u64,
+    /// Leave flagged pairs (the model gets the clean prompt wrong, or clean and corrupted barely
+    /// differ) out of the mean.
+    #[arg(long)]
+    pub exclude_flagged: bool,
+}
 
 /// Attribution patching: an estimate of every cell first, then exact cells by importance.
 #[derive(Debug, Clone, Args)]
@@ -45,19 +68,21 @@ pub struct SweepArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The clean prompt.
-    #[arg(long)]
-    pub clean: String,
+    #[arg(long, required_unless_present_any = ["pairs", "template"])]
+    pub clean: Option<String>,
     /// The corrupted prompt (same number of tokens).
-    #[arg(long)]
-    pub corrupted: String,
+    #[arg(long, required_unless_present_any = ["pairs", "template"])]
+    pub corrupted: Option<String>,
     /// The answer the clean prompt should give (one token, e.g. " John").
-    #[arg(long)]
-    pub correct: String,
+    #[arg(long, required_unless_present_any = ["pairs", "template"])]
+    pub correct: Option<String>,
     /// The answer the corrupted prompt gives (one token, e.g. " Mary").
-    #[arg(long)]
-    pub incorrect: String,
+    #[arg(long, required_unless_present_any = ["pairs", "template"])]
+    pub incorrect: Option<String>,
     #[command(flatten)]
     pub patch: PatchArgs,
+    #[command(flatten)]
+    pub dataset: DatasetArgs,
     /// What the text heatmap, --npy and the figures show (the JSON and CSV hold every metric).
     #[arg(long, value_enum, default_value_t = Metric::Normalized)]
     pub metric: Metric,
@@ -107,7 +132,7 @@ pub struct SweepArgs {
 
 impl SweepArgs {
     /// The outputs asked for, each with its format, in the order they are written.
-    fn outputs(&self) -> Vec<(&Path, Format)> {
+    pub(super) fn outputs(&self) -> Vec<(&Path, Format)> {
         [
             (&self.out, Format::Json),
             (&self.csv, Format::Csv),
@@ -123,20 +148,24 @@ impl SweepArgs {
 
 /// Set by the first Ctrl-C (or SIGTERM) during the sweep: it stops within a layer's time and what
 /// it computed is written as usual.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(super) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Where the command is, for what a Ctrl-C does ([`stop_on_interrupt`]).
-static PHASE: AtomicU8 = AtomicU8::new(LOADING);
+pub(super) static PHASE: AtomicU8 = AtomicU8::new(LOADING);
 const LOADING: u8 = 0;
-const SWEEPING: u8 = 1;
-const WRITING: u8 = 2;
+pub(super) const SWEEPING: u8 = 1;
+pub(super) const WRITING: u8 = 2;
 
 pub fn run(args: SweepArgs) -> Result<()> {
+    if args.dataset.pairs.is_some() || args.dataset.template.is_some() {
+        return super::dataset::run(&args);
+    }
+    let text = |s: &Option<String>| s.clone().unwrap_or_default();
     let request = SweepRequest {
-        clean: args.clean.clone(),
-        corrupted: args.corrupted.clone(),
-        correct: args.correct.clone(),
-        incorrect: args.incorrect.clone(),
+        clean: text(&args.clean),
+        corrupted: text(&args.corrupted),
+        correct: text(&args.correct),
+        incorrect: text(&args.incorrect),
         component: args.patch.component,
         direction: args.patch.direction,
         by_position: args.patch.by_position,
@@ -373,7 +402,7 @@ impl CellsBar {
 /// Ctrl-C and SIGTERM: while the model loads, quit at once (nothing is computed yet); during the
 /// sweep, the first stops it keeping its cells ([`INTERRUPTED`]) and a second quits at once; while
 /// the results are written, wait for them (a moment) rather than lose them.
-fn stop_on_interrupt() {
+pub(super) fn stop_on_interrupt() {
     let installed = ctrlc::set_handler(|| match PHASE.load(Ordering::SeqCst) {
         LOADING => {
             eprintln!("\ncancelled while loading the model; nothing was computed");

@@ -161,7 +161,16 @@ pub fn to_csv(result: &SweepResult) -> Result<String> {
 /// One metric's grid as a NumPy `.npy` file: float64, the result's shape (`(layers, positions)`,
 /// `(layers, heads)`, …), NaN where not computed or undefined. `np.load(path)` reads it.
 pub fn to_npy(result: &SweepResult, metric: Metric) -> Vec<u8> {
-    let shape = &result.shape;
+    let cells: usize = result.shape.iter().product();
+    let values = result.metric_grid(metric).map(|g| g.flat());
+    npy(
+        &result.shape,
+        (0..cells).map(|i| values.and_then(|v| v.get(i).copied().flatten()).unwrap_or(f64::NAN)),
+    )
+}
+
+/// A float64 `.npy` array of `shape` holding `values` row-major.
+pub fn npy(shape: &[usize], values: impl Iterator<Item = f64>) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let tuple = if dims.len() == 1 {
         format!("{},", dims[0])
@@ -178,10 +187,8 @@ pub fn to_npy(result: &SweepResult, metric: Metric) -> Vec<u8> {
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    let values = result.metric_grid(metric).map(|g| g.flat());
-    for i in 0..cells {
-        let v = values.and_then(|v| v.get(i).copied().flatten());
-        out.extend_from_slice(&v.unwrap_or(f64::NAN).to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
     }
     out
 }
