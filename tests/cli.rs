@@ -695,3 +695,65 @@ fn cli_estimate_verifies_the_top_cells_and_writes_the_estimate() {
         "{stderr}"
     );
 }
+
+/// `--template ioi --n 6`: pairs generated for the model's tokenizer, misfits dropped and counted,
+/// the mean written with every pair; `--pairs` names a malformed line and runs the others.
+#[test]
+fn cli_dataset_sweeps_every_pair_and_writes_the_mean_and_each_pair() {
+    let dir = TempDir::new("cli-dataset");
+    let model = write_tiny(&dir, "tiny-qwen3");
+    let json = dir.0.join("ds.json");
+    let (code, stdout, stderr) = patchbay(
+        &[
+            "sweep",
+            "--model",
+            &model,
+            "--template",
+            "ioi",
+            "--n",
+            "6",
+            "--seed",
+            "1",
+            "--out",
+            json.to_str().unwrap(),
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("columns   IO, S1, S1+1, S2, END"), "{stdout}");
+    assert!(
+        stdout.contains("dropped") && stdout.contains("tokens"),
+        "misfits are counted: {stdout}"
+    );
+    assert!(stdout.contains("mean over pairs"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["format"], "patchbay-dataset/1");
+    let pairs = r["pairs"].as_array().unwrap();
+    assert!(!pairs.is_empty());
+    assert!(
+        pairs[0]["result"]["values"].is_array(),
+        "each pair in the single-sweep schema"
+    );
+    assert!(r["aggregate"]["mean"]["normalized"].is_array());
+    assert!(r["aggregate"]["sd"]["logit_diff"].is_array());
+    assert!(r["aggregate"]["n"]["kl"].is_array());
+
+    let file = dir.0.join("pairs.csv");
+    let request = common::tiny_request(Component::ResidPost);
+    std::fs::write(
+        &file,
+        format!(
+            "clean,corrupted,correct,incorrect\n\"{}\",\"{}\", John, Mary\nonly one field\n",
+            request.clean, request.corrupted
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = patchbay(
+        &["sweep", "--model", &model, "--pairs", file.to_str().unwrap(), "-q"],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("dropped   line 3"), "{stdout}");
+    assert!(stdout.contains("swept     1 pairs"), "{stdout}");
+}

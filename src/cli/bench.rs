@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 
 use super::{PatchArgs, procfs};
+use patchbay::dataset::templates::Template;
 use patchbay::model::{DeviceChoice, DtypeChoice, Model, ModelSource};
 use patchbay::patching::estimate::EstimateMethod;
 use patchbay::patching::result::{ForwardTiming, Timing};
@@ -95,6 +96,16 @@ pub struct BenchArgs {
     /// in the estimate's top 20, and the first exact cell after the estimate.
     #[arg(long, value_enum)]
     pub estimate: Option<EstimateMethod>,
+    /// Instead, time a dataset sweep of this template's pairs against the same pairs swept one
+    /// after another as single sweeps.
+    #[arg(long, value_enum, conflicts_with = "pairs")]
+    pub template: Option<Template>,
+    /// Instead, time a dataset sweep of this file's pairs (JSONL or CSV).
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    /// With --template: how many pairs.
+    #[arg(long, default_value_t = 32)]
+    pub n: usize,
 }
 
 /// One timed sweep of the benchmark.
@@ -118,6 +129,9 @@ pub(super) struct Bench<'a> {
 pub fn run(args: BenchArgs) -> Result<()> {
     let model = Model::load(&source(&args)?, args.device, args.dtype, &mut |_| {})?;
     let bench = Bench { args: &args, model };
+    if args.template.is_some() || args.pairs.is_some() {
+        return super::bench_dataset::run(&bench);
+    }
     bench.print_header();
     if !args.no_warmup {
         bench.warm_up()?;

@@ -1,6 +1,7 @@
 //! The command line: `patchbay gui | sweep | bench | tokenize | info`, one file per command.
 
 mod bench;
+mod bench_dataset;
 mod bench_estimate;
 mod dataset;
 #[cfg(feature = "gui")]
