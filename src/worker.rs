@@ -13,6 +13,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use candle_core::DType;
 
+use crate::dataset::result::DatasetResult;
+use crate::dataset::run::{DatasetEvent, DatasetRequest};
 use crate::model::{
     ArchConfig, DeviceChoice, DeviceKind, DtypeChoice, LoadProgress, Model, ModelSource, TextTokenizer,
 };
@@ -45,6 +47,11 @@ pub enum Command {
     },
     /// Compute a head cell's attention patterns for the inspector.
     HeadPatterns(PatternRequest),
+    /// Sweep every pair of a dataset.
+    RunDataset {
+        request: Box<DatasetRequest>,
+        options: SweepOptions,
+    },
 }
 
 /// A loaded model as the UI sees it.
@@ -84,6 +91,16 @@ pub enum Event {
     SweepFailed(String),
     /// A head cell's attention patterns, or why they could not be computed.
     HeadPatterns(Box<PatternRequest>, Result<Box<HeadPatterns>, String>),
+    /// A dataset sweep's pair `.0` has run its baselines; its cells follow.
+    PairStarted(usize, Box<SweepResult>),
+    /// One cell of pair `.0`.
+    PairCell(usize, Cell),
+    /// Pair `.0` ended (complete, or partial after a cancel).
+    PairFinished(usize, Box<SweepResult>),
+    /// Pair `.0` could not run; the message says why.
+    PairFailed(usize, String),
+    /// The dataset sweep ended (complete, or partial after a cancel).
+    DatasetFinished(Box<DatasetResult>),
 }
 
 /// The UI's handle on the worker thread. Dropping it cancels work and stops the thread.
@@ -265,6 +282,35 @@ impl WorkerState {
                 });
                 match outcome {
                     Ok(result) => self.emit(Event::SweepFinished(Box::new(result))),
+                    Err(e) => self.emit(Event::SweepFailed(e.to_string())),
+                }
+            }
+            Command::RunDataset { request, options } => {
+                let Some(model) = &self.model else {
+                    return self.emit(Event::SweepFailed("no model is loaded yet".into()));
+                };
+                let events = &self.events;
+                let wake = &self.wake;
+                let cancel = self.cancel.clone();
+                let outcome = crate::dataset::run::run(model, &request, &options, &cancel, &mut |event| {
+                    let event = match event {
+                        DatasetEvent::PairStarted { index, result } => {
+                            Event::PairStarted(index, Box::new(result.clone()))
+                        }
+                        DatasetEvent::Cell { index, cell } => Event::PairCell(index, cell.clone()),
+                        DatasetEvent::Work(w) => Event::Work(w),
+                        DatasetEvent::PairFinished { index, result } => {
+                            Event::PairFinished(index, Box::new(result.clone()))
+                        }
+                        DatasetEvent::PairFailed { index, error } => Event::PairFailed(index, error.to_owned()),
+                    };
+                    if events.send(event).is_err() {
+                        cancel.store(true, Ordering::SeqCst); // the UI is gone
+                    }
+                    wake();
+                });
+                match outcome {
+                    Ok(result) => self.emit(Event::DatasetFinished(Box::new(result))),
                     Err(e) => self.emit(Event::SweepFailed(e.to_string())),
                 }
             }

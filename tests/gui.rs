@@ -478,3 +478,62 @@ fn the_estimate_is_drawn_first_then_the_top_cells_verified_and_both_shown() {
     assert!(h.query_by_label_contains("not verified yet; AtP* estimate").is_some());
     assert!(h.query_by_label_contains("normalized ≈").is_some());
 }
+
+#[test]
+fn a_generated_dataset_runs_shows_its_mean_a_cells_distribution_and_each_pair() {
+    let dir = TempDir::new("gui-dataset");
+    // Tall enough for the dataset controls at the bottom of the left panel.
+    let start = StartOptions {
+        model: Some(write_tiny(&dir, "tiny-qwen3")),
+        fresh: true,
+        ..Default::default()
+    };
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1400.0, 1500.0))
+        .with_max_steps(100_000)
+        .allow_missing_glyphs()
+        .build_eframe(move |cc| PatchbayApp::new(cc, start));
+    wait_until(&mut h, "the model to load", |a| a.model().is_some());
+    h.state_mut().settings_mut().dataset_n = 4;
+    h.get_by_label("Dataset: many pairs, averaged").click();
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.run_steps(2);
+    assert!(h.query_by_label_contains("columns: IO, S1, S1+1, S2, END").is_some());
+    h.get_by_label("Run dataset").click();
+    wait_until(&mut h, "the dataset to finish", |a| {
+        a.dataset_finished() && !a.is_busy()
+    });
+    h.run_steps(3);
+    let d = h.state().dataset_result().unwrap().clone();
+    assert!(d.complete);
+    let n = d.swept().count();
+    assert!(n >= 1);
+    // The heatmap shows the mean over pairs on the named positions.
+    let mean = h.state().result().unwrap().clone();
+    assert_eq!(mean.shape, [3, 5]);
+    assert!(
+        h.query_by_label_contains(&format!("showing the mean over {n} pairs"))
+            .is_some()
+    );
+    // A cell's distribution over pairs.
+    let pos = h.state().cell_screen_pos(1, 4).expect("heatmap drawn");
+    click_at(&mut h, pos);
+    assert!(
+        h.query_by_label_contains(&format!("over {n} pairs: mean")).is_some(),
+        "the selected cell's distribution"
+    );
+    // A pair's own heatmap, and back.
+    h.query_all_by_label_contains(", S ")
+        .next()
+        .expect("pair 0 in the list (its label names IO and S)")
+        .click();
+    h.run_steps(3);
+    assert!(h.query_by_label_contains("showing pair 0 alone").is_some());
+    let own = h.state().result().unwrap().shape.clone();
+    assert_eq!(own[0], 3);
+    assert_ne!(own[1], 5, "the pair's own token positions");
+    h.get_by_label("← the mean over pairs").click();
+    h.run_steps(3);
+    assert_eq!(h.state().result().unwrap().shape, [3, 5]);
+}

@@ -12,10 +12,15 @@ use crate::worker::Command;
 impl PatchbayApp {
     pub(super) fn inspector(&mut self, ui: &mut Ui) {
         ui.heading("Inspector");
-        let Some(view) = &self.sweep else {
+        if self.sweep.is_none() && self.dataset.run.is_none() {
             ui.label("Run a sweep, then click a cell to see what the patched model predicts.");
             return;
-        };
+        }
+        if self.dataset.run.is_some() {
+            self.dataset_inspector(ui);
+            ui.separator();
+        }
+        let Some(view) = &self.sweep else { return };
         let r = &view.result;
         if view.elapsed.is_some() && self.settings_differ_from(r) {
             ui.label(RichText::new("These runs are the previous prompts'.").color(ERROR_TEXT));

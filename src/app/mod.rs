@@ -2,6 +2,7 @@
 //! inspector on the right, the model on top. The UI never runs the model: it talks to the
 //! [`Worker`] through commands and events.
 
+mod dataset;
 mod files;
 pub mod heatmap;
 mod inspector;
@@ -85,6 +86,10 @@ pub struct PatchbayApp {
     work_rate: Option<f64>,
     /// Sweeps started since the app opened.
     sweeps_started: usize,
+    /// Datasets: the pairs loaded and the dataset sweep on the heatmap.
+    dataset: dataset::DatasetState,
+    /// A dataset sweep's progress, in pairs.
+    dataset_progress: Progress,
 }
 
 /// The worker's answer to a head cell's attention patterns.
@@ -127,6 +132,8 @@ impl PatchbayApp {
             correct_tokens: Tokens::default(),
             incorrect_tokens: Tokens::default(),
             confirm_cells: None,
+            dataset: dataset::DatasetState::default(),
+            dataset_progress: Progress::default(),
             patterns: None,
             work_rate: None,
             sweeps_started: 0,
@@ -194,6 +201,9 @@ impl PatchbayApp {
 
     /// Whether the prompts, answers or component being edited differ from those `result` swept.
     pub fn settings_differ_from(&self, result: &SweepResult) -> bool {
+        if self.dataset.run.is_some() {
+            return false; // a dataset's heatmap answers its pairs, not the prompts on the left
+        }
         let s = &self.settings;
         s.clean != result.clean.text
             || s.corrupted != result.corrupted.text
@@ -218,6 +228,16 @@ impl PatchbayApp {
     /// Whether the worker is loading or sweeping.
     pub fn is_busy(&self) -> bool {
         self.worker.is_busy() || self.loading.is_some()
+    }
+
+    /// The dataset sweep on the heatmap, running or finished.
+    pub fn dataset_result(&self) -> Option<&crate::dataset::result::DatasetResult> {
+        self.dataset.run.as_ref().map(|r| &r.result)
+    }
+
+    /// Whether the dataset sweep ended (every pair run, or cancelled).
+    pub fn dataset_finished(&self) -> bool {
+        self.dataset.run.as_ref().is_some_and(|r| r.elapsed().is_some())
     }
 
     /// The loaded model, if any.
@@ -310,6 +330,7 @@ impl PatchbayApp {
                 }
                 Event::SweepStarted(result, progress) => {
                     self.sweeps_started += 1;
+                    self.dataset.run = None; // a single pair's sweep replaces a dataset's
                     self.sweep = Some(SweepView {
                         result: *result,
                         progress,
@@ -365,6 +386,11 @@ impl PatchbayApp {
                     }
                 }
                 Event::SweepFailed(msg) => self.sweep_error = Some(msg),
+                Event::PairStarted(i, result) => self.pair_started(i, *result),
+                Event::PairCell(i, cell) => self.pair_cell(i, cell),
+                Event::PairFinished(i, result) => self.pair_ended(i, Ok(*result)),
+                Event::PairFailed(i, error) => self.pair_ended(i, Err(error)),
+                Event::DatasetFinished(result) => self.on_dataset_finished(*result),
                 Event::HeadPatterns(request, outcome) => {
                     if let Some((asked, answer)) = &mut self.patterns
                         && *asked == *request
@@ -412,6 +438,8 @@ impl eframe::App for PatchbayApp {
 
     fn ui(&mut self, ui: &mut Ui, _frame: &mut eframe::Frame) {
         self.confirm_large_sweep(&ui.ctx().clone());
+        self.poll_pairs_file();
+        self.refresh_dataset_view();
         egui::Panel::top("model").show(ui, |ui| {
             ui.add_space(4.0);
             self.model_panel(ui);

@@ -34,6 +34,8 @@ impl PatchbayApp {
         self.run_controls(ui, mismatch, answers_ok);
         ui.add_space(6.0);
         self.output_controls(ui);
+        ui.add_space(6.0);
+        self.dataset_panel(ui);
     }
 
     /// What to patch (component, by position), in which direction, and the metric shown.

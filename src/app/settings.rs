@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::presets::{Preset, presets};
+use crate::dataset::templates::Template;
 use crate::model::{DEFAULT_MODEL, DeviceChoice, DtypeChoice};
 use crate::patching::estimate::{EstimateMethod, Exact};
 use crate::patching::sweep::DEFAULT_MAX_CELLS;
@@ -53,6 +54,12 @@ pub struct Settings {
     /// With an estimate: which cells are verified exactly.
     pub verify: Verify,
     pub verify_top: usize,
+    /// The dataset generator's template, size and seed.
+    pub dataset_template: Template,
+    pub dataset_n: usize,
+    pub dataset_seed: u64,
+    /// Leave flagged pairs out of a dataset's mean.
+    pub exclude_flagged: bool,
     pub preset: Option<String>,
     pub auto_range: bool,
     /// Run asks for confirmation first when a sweep has more cells to compute than this.
@@ -80,6 +87,10 @@ impl Default for Settings {
             estimate: Some(EstimateMethod::AtpStar),
             verify: Verify::All,
             verify_top: DEFAULT_VERIFY_TOP,
+            dataset_template: Template::Ioi,
+            dataset_n: 32,
+            dataset_seed: 0,
+            exclude_flagged: false,
             preset: None,
             auto_range: false,
             confirm_above_cells: DEFAULT_MAX_CELLS,

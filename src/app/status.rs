@@ -22,10 +22,21 @@ impl PatchbayApp {
             } else {
                 view.progress.fraction() as f32
             };
+            let counted = match self.dataset_result() {
+                Some(d) => format!(
+                    "{}/{} pairs",
+                    d.pairs
+                        .iter()
+                        .filter(|p| p.error.is_some() || p.result.as_ref().is_some_and(|r| r.complete))
+                        .count(),
+                    d.pairs.len()
+                ),
+                None => format!("{done}/{total} cells"),
+            };
             ui.add(
                 egui::ProgressBar::new(fraction)
                     .desired_width(220.0)
-                    .text(format!("{:.0}% · {done}/{total} cells", fraction * 100.0)),
+                    .text(format!("{:.0}% · {counted}", fraction * 100.0)),
             );
             let state = match view.elapsed {
                 Some(_) if r.complete => format!(
@@ -38,6 +49,17 @@ impl PatchbayApp {
                     Some(eta) => format!("running {secs:.1} s · eta {eta:.1} s"),
                     None => format!("running {secs:.1} s"),
                 },
+            };
+            let state = match (self.dataset_result(), view.elapsed) {
+                (Some(d), Some(_)) => format!(
+                    "dataset {} in {secs:.1} s: {} pairs swept{}",
+                    if d.complete { "done" } else { "stopped" },
+                    d.swept().count(),
+                    d.aggregate
+                        .as_ref()
+                        .map_or(String::new(), |a| format!(", mean over {}", a.pairs))
+                ),
+                _ => state,
             };
             ui.label(state);
             if let (Some(e), Some(a)) = (&r.estimate, crate::patching::estimate::agreement(r)) {
