@@ -89,7 +89,11 @@ fn each_pair_equals_its_single_sweep_and_the_aggregate_is_their_mean() {
     // The mean as a single-sweep result draws like one.
     let view = result.mean_view().unwrap();
     assert_eq!(view.shape, [3, 16]);
-    assert!(view.model.id.contains("tiny ioi (n=3)"));
+    assert!(
+        view.model.id.contains("tiny ioi, mean over 3 pairs"),
+        "{}",
+        view.model.id
+    );
 }
 
 #[test]

@@ -146,6 +146,30 @@ impl PatchbayApp {
         }
     }
 
+    /// Opens or generates a dataset given on the command line; runs it when asked to run on load.
+    pub(super) fn start_dataset(&mut self, start: super::settings::DatasetStart) {
+        use super::settings::DatasetStart;
+        match start {
+            DatasetStart::File(path) => self.open_pairs(&path),
+            DatasetStart::Template { template, n, seed } => {
+                (
+                    self.settings.dataset_template,
+                    self.settings.dataset_n,
+                    self.settings.dataset_seed,
+                ) = (template, n, seed);
+                if let Some(t) = self.model.as_ref().map(|m| m.tokenizer.clone()) {
+                    match generate(template, n, seed, &t, self.prepend_bos()) {
+                        Ok(d) => (self.dataset.loaded, self.dataset.error) = (Some(d), None),
+                        Err(e) => self.dataset.error = Some(e.to_string()),
+                    }
+                }
+            }
+        }
+        if std::mem::take(&mut self.run_on_load) && self.dataset.loaded.is_some() {
+            self.run_dataset();
+        }
+    }
+
     /// Loads a pairs file.
     pub fn open_pairs(&mut self, path: &std::path::Path) {
         match Dataset::load(path) {

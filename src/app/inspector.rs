@@ -51,6 +51,10 @@ impl PatchbayApp {
             return;
         };
         heatmap::cell_summary(ui, r, &v, l, p);
+        if self.dataset.run.as_ref().is_some_and(|d| d.showing.is_none()) {
+            // The mean over pairs has no run of its own: its distribution is above.
+            return;
+        }
         let layout = r.layout();
         let cell = layout.index(layout.view_cell(&v, l, p));
         let (c, i) = (&r.correct.token, &r.incorrect.token);

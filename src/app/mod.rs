@@ -24,7 +24,7 @@ use crate::patching::{HeadPatterns, PatternRequest, Progress, SweepOptions, Swee
 use crate::worker::{Command, Event, ModelInfo, Worker, demo_model_path};
 use heatmap::Heatmap;
 use prompts::Tokens;
-pub use settings::{Overrides, Settings, StartOptions};
+pub use settings::{DatasetStart, Overrides, Settings, StartOptions};
 
 /// Highlight for tokens that differ between the prompts.
 const DIFF_FILL: Color32 = Color32::from_rgb(150, 95, 20);
@@ -68,6 +68,8 @@ pub struct PatchbayApp {
     heatmap: Heatmap,
     sweep_options: SweepOptions,
     run_on_load: bool,
+    /// A dataset to open once the model has loaded (command line).
+    dataset_on_load: Option<settings::DatasetStart>,
     message: Option<(String, bool)>,
     file_task: Option<Receiver<Result<String, String>>>,
     pending_pick: Option<Receiver<Option<PathBuf>>>,
@@ -123,6 +125,7 @@ impl PatchbayApp {
             selected: None,
             sweep_options: SweepOptions::default(),
             run_on_load: start.run_on_load,
+            dataset_on_load: start.dataset.clone(),
             message: None,
             file_task: None,
             pending_pick: None,
@@ -320,7 +323,9 @@ impl PatchbayApp {
                     self.model_error = None;
                     self.model = Some(info);
                     self.work_rate = None; // another model runs at another speed
-                    if std::mem::take(&mut self.run_on_load) {
+                    if let Some(d) = self.dataset_on_load.take() {
+                        self.start_dataset(d);
+                    } else if std::mem::take(&mut self.run_on_load) {
                         self.run_sweep();
                     }
                 }

@@ -144,6 +144,15 @@ pub struct StartOptions {
     pub run_on_load: bool,
     /// Settings given on the command line, over the remembered ones.
     pub overrides: Overrides,
+    /// A dataset to load (or generate) once the model has loaded; with `run_on_load` it runs.
+    pub dataset: Option<DatasetStart>,
+}
+
+/// A dataset given on the command line (`patchbay gui --pairs FILE` or `--template ioi --n 32`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatasetStart {
+    File(PathBuf),
+    Template { template: Template, n: usize, seed: u64 },
 }
 
 /// Settings to start with instead of the remembered ones (`patchbay gui --clean … --device …`).

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use patchbay::app::{Overrides, PatchbayApp, StartOptions};
+use patchbay::app::{DatasetStart, Overrides, PatchbayApp, StartOptions};
+use patchbay::dataset::templates::Template;
 use patchbay::model::{DeviceChoice, DtypeChoice};
 use patchbay::patching::estimate::{EstimateMethod, Exact};
 use patchbay::patching::{Component, Direction, Metric};
@@ -52,6 +53,18 @@ pub struct GuiArgs {
     /// With an estimate: which cells are verified exactly: all, top:K or none.
     #[arg(long)]
     pub exact: Option<Exact>,
+    /// Open this file of prompt pairs (JSONL or CSV) once the model has loaded (with --run: run it).
+    #[arg(long, conflicts_with = "template")]
+    pub pairs: Option<PathBuf>,
+    /// Generate a dataset of this template once the model has loaded (with --run: run it).
+    #[arg(long, value_enum)]
+    pub template: Option<Template>,
+    /// With --template: how many pairs.
+    #[arg(long, default_value_t = 32)]
+    pub n: usize,
+    /// With --template: the seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// The metric the heatmap shows.
     #[arg(long, value_enum)]
     pub metric: Option<Metric>,
@@ -96,6 +109,15 @@ pub fn run(args: GuiArgs) -> Result<()> {
             metric: args.metric,
             device: args.device,
             dtype: args.dtype,
+        },
+        dataset: match (args.pairs, args.template) {
+            (Some(path), _) => Some(DatasetStart::File(path)),
+            (None, Some(template)) => Some(DatasetStart::Template {
+                template,
+                n: args.n,
+                seed: args.seed,
+            }),
+            (None, None) => None,
         },
     };
     let options = eframe::NativeOptions {

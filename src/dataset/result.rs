@@ -266,7 +266,12 @@ impl DatasetResult {
         view.estimate = None;
         view.verified = None;
         view.shape = layout.shape();
-        view.model.id = format!("{} · {} (n={})", view.model.id, self.dataset, agg.pairs);
+        view.model.id = format!("{} · {}, mean over {} pairs", view.model.id, self.dataset, agg.pairs);
+        // The pairs' own runs differ: no one pair's logits or predictions stand for them.
+        view.clean_answer_logits = [f32::NAN; 2];
+        view.corrupted_answer_logits = [f32::NAN; 2];
+        view.clean_top_k = Vec::new();
+        view.corrupted_top_k = Vec::new();
         view.correct = AnswerRecord {
             text: "correct answers".into(),
             token_id: view.correct.token_id,
