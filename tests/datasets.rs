@@ -169,3 +169,27 @@ fn bad_pairs_are_named_and_the_others_run_and_a_cancel_keeps_finished_pairs() {
     assert_eq!(result.swept().count(), 1);
     assert!(result.pairs[0].result.as_ref().unwrap().complete);
 }
+
+#[test]
+#[cfg_attr(
+    skip_model_tests,
+    ignore = "needs the SmolLM2 test model; PATCHBAY_SKIP_MODEL_TESTS is set"
+)]
+fn every_template_fits_smollm2_and_names_its_positions() {
+    let t = &common::smollm2().tokenizer;
+    for template in Template::ALL {
+        let d = generate(template, 8, 0, t, false).unwrap();
+        assert_eq!(d.pairs.len(), 8, "{template:?}: {:?}", d.dropped);
+        for p in &d.pairs {
+            let ids = t.encode_prompt(&p.clean).unwrap();
+            assert_eq!(p.positions.len(), d.position_names.len());
+            assert_eq!(*p.positions.last().unwrap(), ids.len() - 1, "END is the last token");
+            let text = |i: usize| t.token_text(ids[p.positions[i]]);
+            match template {
+                Template::Ioi => assert_eq!(text(0), p.correct),
+                Template::GreaterThan => assert_eq!(text(2), "0", "the year's last digit: {p:?}"),
+                Template::Factual => assert!(p.clean.contains(text(1).trim()), "{p:?}"),
+            }
+        }
+    }
+}

@@ -264,10 +264,11 @@ fn greater_than(rng: &mut StdRng) -> Draft {
     let early = rng.random_range(0..2);
     let text = |tens: u32| {
         fill(
-            "The {EVENT} lasted from the year {YEAR} to the year {C}",
+            // Slots start at their word's space, where byte-level and SentencePiece tokens start.
+            "The{EVENT} lasted from the year{YEAR} to the year {C}",
             &[
-                ("EVENT", event),
-                ("YEAR", &format!("{century}{tens}0")),
+                ("EVENT", &format!(" {event}")),
+                ("YEAR", &format!(" {century}{tens}0")),
                 ("C", &century.to_string()),
             ],
         )
@@ -295,7 +296,12 @@ fn greater_than(rng: &mut StdRng) -> Draft {
 fn factual(rng: &mut StdRng) -> Draft {
     let mut two = LANDMARKS.choose_multiple(rng, 2);
     let (a, b) = (two.next().unwrap_or(&LANDMARKS[0]), two.next().unwrap_or(&LANDMARKS[1]));
-    let text = |landmark: &str| fill("The {SUBJECT} is located in the city of", &[("SUBJECT", landmark)]);
+    let text = |landmark: &str| {
+        fill(
+            "The{SUBJECT} is located in the city of",
+            &[("SUBJECT", &format!(" {landmark}"))],
+        )
+    };
     let (clean, at) = text(a.0);
     let (corrupted, _) = text(b.0);
     let subject = at.get("SUBJECT").copied().unwrap_or((0, 0));
