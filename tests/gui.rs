@@ -536,4 +536,13 @@ fn a_generated_dataset_runs_shows_its_mean_a_cells_distribution_and_each_pair() 
     h.get_by_label("← the mean over pairs").click();
     h.run_steps(3);
     assert_eq!(h.state().result().unwrap().shape, [3, 5]);
+    // Save writes the dataset (each pair and the aggregate) while the mean is shown.
+    let saved = dir.0.join("dataset.json");
+    h.state_mut().settings_mut().save_path = saved.to_string_lossy().into_owned();
+    h.run_steps(2);
+    h.get_by_label("Save").click();
+    wait_until(&mut h, "the save", |a| a.message().is_some());
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert_eq!(json["format"], "patchbay-dataset/1");
+    assert_eq!(json["pairs"].as_array().unwrap().len(), d.pairs.len());
 }

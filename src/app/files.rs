@@ -4,6 +4,7 @@
 use crossbeam_channel::bounded;
 
 use super::PatchbayApp;
+use crate::dataset::result::DatasetResult;
 use crate::export;
 use crate::model::ModelSource;
 use crate::patching::SweepResult;
@@ -12,7 +13,7 @@ impl PatchbayApp {
     /// Saves the current result to the path typed in "Save to" (relative to the folder the app
     /// started in), in the format its extension names: what works where no file dialog does.
     pub fn save_to_typed_path(&mut self) {
-        let Some(result) = self.result().cloned() else { return };
+        let Some(result) = self.saveable() else { return };
         let path = std::path::PathBuf::from(self.settings.save_path.trim());
         let shown = self.shown();
         let protected = ModelSource::parse(&self.settings.model).map_or_else(|_| Vec::new(), |s| s.files());
@@ -28,13 +29,14 @@ impl PatchbayApp {
     }
 
     pub(super) fn save_dialog(&mut self, figure: bool) {
-        let Some(result) = self.result().cloned() else { return };
+        let Some(result) = self.saveable() else { return };
         let shown = self.shown();
+        let r = result.sweep();
         let name = format!(
             "patchbay-{}-{}-{}",
-            result.model.id.replace(['/', ' '], "_"),
-            result.component,
-            result.direction
+            r.model.id.replace(['/', ' ', '(', ')', ',', '='], "_"),
+            r.component,
+            r.direction
         );
         // The model being swept is never written over (nor is anything else but a plain file).
         let protected = ModelSource::parse(&self.settings.model).map_or_else(|_| Vec::new(), |s| s.files());
@@ -67,18 +69,54 @@ impl PatchbayApp {
     }
 }
 
+/// What Save writes: the sweep on the heatmap, or a dataset sweep (its pairs and aggregate as
+/// data, its mean as the figure) while the mean over pairs is shown.
+#[derive(Clone)]
+pub enum Saveable {
+    Sweep(Box<SweepResult>),
+    Dataset(Box<DatasetResult>, Box<SweepResult>),
+}
+
+impl Saveable {
+    /// The sweep result drawn (the mean over pairs for a dataset).
+    pub fn sweep(&self) -> &SweepResult {
+        match self {
+            Saveable::Sweep(r) | Saveable::Dataset(_, r) => r,
+        }
+    }
+}
+
+impl PatchbayApp {
+    /// What Save writes now.
+    fn saveable(&self) -> Option<Saveable> {
+        let shown = self.result()?.clone();
+        Some(match self.dataset_result() {
+            Some(d) if self.dataset_shows_mean() => Saveable::Dataset(Box::new(d.clone()), Box::new(shown)),
+            _ => Saveable::Sweep(Box::new(shown)),
+        })
+    }
+}
+
 /// Writes a figure or data file in the format the extension names, unless `path` is one of the
 /// `protected` files (the model's); the message to show.
 pub fn save_to(
-    result: &SweepResult,
+    result: &Saveable,
     path: &std::path::Path,
     shown: &export::Shown,
     protected: &[std::path::PathBuf],
 ) -> Result<String, String> {
-    export::check_outputs(&[path], protected)
-        .and_then(|()| export::save(result, path, shown))
-        .map(|()| format!("saved {}", path.display()))
-        .map_err(|e| e.to_string())
+    export::check_outputs(&[path], protected).map_err(|e| e.to_string())?;
+    match result {
+        Saveable::Sweep(r) => export::save(r, path, shown).map(|()| format!("saved {}", path.display())),
+        Saveable::Dataset(d, _) => export::Format::from_path(path).and_then(|format| {
+            d.save(path, format, shown).map(|written| {
+                let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+                format!("saved {}", names.join(", "))
+            })
+        }),
+    }
+    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -238,6 +238,11 @@ impl PatchbayApp {
         self.dataset.run.as_ref().map(|r| &r.result)
     }
 
+    /// Whether a dataset sweep's mean over pairs is on the heatmap (rather than one pair).
+    pub fn dataset_shows_mean(&self) -> bool {
+        self.dataset.run.as_ref().is_some_and(|r| r.showing.is_none())
+    }
+
     /// Whether the dataset sweep ended (every pair run, or cancelled).
     pub fn dataset_finished(&self) -> bool {
         self.dataset.run.as_ref().is_some_and(|r| r.elapsed().is_some())

@@ -2,7 +2,7 @@
 //! shown and written with each pair's own result.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -12,7 +12,7 @@ use super::sweep::{INTERRUPTED, PHASE, SWEEPING, SweepArgs, WRITING, stop_on_int
 use patchbay::dataset::result::DatasetResult;
 use patchbay::dataset::run::{DatasetEvent, DatasetRequest};
 use patchbay::dataset::{Dataset, templates};
-use patchbay::export::{self, Format, Shown};
+use patchbay::export::{self, Shown};
 use patchbay::model::ModelSource;
 use patchbay::patching::SweepOptions;
 use patchbay::{Error, Result};
@@ -99,7 +99,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     }
     let mut failures = Vec::new();
     for (path, format) in outputs {
-        match write(&result, path, format, args) {
+        match result.save(path, format, &shown(args)) {
             Ok(written) => {
                 for p in written {
                     let _ = writeln!(out, "wrote     {}", p.display());
@@ -146,36 +146,6 @@ fn report(out: &mut dyn Write, r: &DatasetResult, seconds: f64) {
         r.swept().count(),
         if r.exclude_flagged { " (flagged left out)" } else { "" }
     );
-}
-
-/// Writes one output: the whole result (JSON), one row per pair and cell (CSV), the pairs'
-/// `[pairs, ..]` array and the mean (NPY: `path` and `path` with `.mean` before the extension),
-/// or the mean's figure.
-fn write(r: &DatasetResult, path: &Path, format: Format, args: &SweepArgs) -> Result<Vec<PathBuf>> {
-    let bytes = match format {
-        Format::Json => serde_json::to_string_pretty(r)
-            .map_err(|e| Error::Internal(format!("writing JSON: {e}")))?
-            .into_bytes(),
-        Format::Csv => r.to_csv()?.into_bytes(),
-        Format::Npy => {
-            let (shape, values) = r.stacked(args.metric);
-            export::data::write_file(path, &export::data::npy(&shape, values.into_iter()))?;
-            let mean_path = path.with_extension("mean.npy");
-            if let Some(mean) = r.mean_view() {
-                export::save_as(&mean, &mean_path, Format::Npy, &shown(args))?;
-            }
-            return Ok(vec![path.to_owned(), mean_path]);
-        }
-        Format::Png | Format::Svg => {
-            let mean = r
-                .mean_view()
-                .ok_or_else(|| Error::Input("no pair was swept: there is no mean to draw".into()))?;
-            export::save_as(&mean, path, format, &shown(args))?;
-            return Ok(vec![path.to_owned()]);
-        }
-    };
-    export::data::write_file(path, &bytes)?;
-    Ok(vec![path.to_owned()])
 }
 
 fn shown(args: &SweepArgs) -> Shown {

@@ -366,3 +366,42 @@ impl DatasetResult {
         String::from_utf8(bytes).map_err(|e| Error::Internal(format!("writing CSV: {e}")))
     }
 }
+
+impl DatasetResult {
+    /// Writes one output in `format`: the whole result (JSON), one row per pair and cell (CSV),
+    /// the pairs' `[pairs, ..]` array of `shown.metric` and the mean beside it (NPY: `path`, and
+    /// `path` with `.mean.npy`), or the mean's figure. Returns the files written.
+    pub fn save(
+        &self,
+        path: &std::path::Path,
+        format: crate::export::Format,
+        shown: &crate::export::Shown,
+    ) -> crate::error::Result<Vec<std::path::PathBuf>> {
+        use crate::error::Error;
+        use crate::export::{self, Format};
+        let bytes = match format {
+            Format::Json => serde_json::to_string_pretty(self)
+                .map_err(|e| Error::Internal(format!("writing JSON: {e}")))?
+                .into_bytes(),
+            Format::Csv => self.to_csv()?.into_bytes(),
+            Format::Npy => {
+                let (shape, values) = self.stacked(shown.metric);
+                export::data::write_file(path, &export::data::npy(&shape, values.into_iter()))?;
+                let mean_path = path.with_extension("mean.npy");
+                if let Some(mean) = self.mean_view() {
+                    export::save_as(&mean, &mean_path, Format::Npy, shown)?;
+                }
+                return Ok(vec![path.to_owned(), mean_path]);
+            }
+            Format::Png | Format::Svg => {
+                let mean = self
+                    .mean_view()
+                    .ok_or_else(|| Error::Input("no pair was swept: there is no mean to draw".into()))?;
+                export::save_as(&mean, path, format, shown)?;
+                return Ok(vec![path.to_owned()]);
+            }
+        };
+        export::data::write_file(path, &bytes)?;
+        Ok(vec![path.to_owned()])
+    }
+}
