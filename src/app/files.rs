@@ -129,7 +129,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("model.gguf");
         std::fs::write(&model, b"weights").unwrap();
-        let result = SweepResult::empty_for_tests(2, 3);
+        let result = Saveable::Sweep(Box::new(SweepResult::empty_for_tests(2, 3)));
         let refused = save_to(&result, &model, &export::Shown::default(), std::slice::from_ref(&model)).unwrap_err();
         assert!(refused.contains("over the model being swept"), "{refused}");
         assert_eq!(std::fs::read(&model).unwrap(), b"weights");
