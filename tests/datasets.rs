@@ -157,17 +157,23 @@ fn bad_pairs_are_named_and_the_others_run_and_a_cancel_keeps_finished_pairs() {
     let err = result.pairs[2].error.as_deref().unwrap();
     assert!(err.contains("named positions"), "{err}");
 
-    // Cancel after the first pair: it is kept, the rest are not run.
+    // Cancel once the first cell a forward computed arrives: every cell that came is kept, the
+    // pairs say they are incomplete.
     let cancel = AtomicBool::new(false);
+    let mut arrived = 0;
     let result = run(&model, &req, &SweepOptions::default(), &cancel, &mut |e| {
-        if let DatasetEvent::PairFinished { .. } = e {
-            cancel.store(true, Ordering::SeqCst);
+        if let DatasetEvent::Cell { cell, .. } = e {
+            arrived += 1;
+            if !cell.skipped && cell.at.layer < 2 {
+                cancel.store(true, Ordering::SeqCst);
+            }
         }
     })
     .unwrap();
     assert!(!result.complete);
-    assert_eq!(result.swept().count(), 1);
-    assert!(result.pairs[0].result.as_ref().unwrap().complete);
+    let kept: usize = result.swept().map(|(_, r)| r.done_cells()).sum();
+    assert_eq!(kept, arrived, "every cell reported is kept");
+    assert!(result.swept().all(|(_, r)| !r.complete));
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! Sweeping a dataset: every pair's sweep in turn (each the fast schedule's packed cones, as a
-//! single pair's), streamed, with pairs that cannot run reported and the others kept.
+//! Sweeping a dataset: pairs in groups, each group's cells packed into shared forwards
+//! ([`run_together`]), streamed, with pairs that cannot run reported and the others kept.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -7,7 +7,12 @@ use super::Dataset;
 use super::result::{DatasetResult, PairResult};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::patching::together::run_together;
 use crate::patching::{Cell, Component, Direction, Sweep, SweepEvent, SweepOptions, SweepRequest, SweepResult};
+
+/// Pairs prepared and swept together, their cells sharing packed forwards: enough to fill large
+/// blocks, few enough that their cached activations stay small.
+const PAIRS_TOGETHER: usize = 16;
 
 /// What to sweep over every pair of a dataset.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,10 +55,10 @@ impl DatasetRequest {
     }
 }
 
-/// Sweeps every pair of `request` on `model` with `options`, in order. A pair that cannot run
-/// (answers of several tokens, a length unlike the others' where the dataset has no named
-/// positions) is reported and skipped; a cancel stops within the pair in flight, keeping its cells
-/// and every finished pair.
+/// Sweeps every pair of `request` on `model` with `options`, [`PAIRS_TOGETHER`] at a time. A pair
+/// that cannot run (answers of several tokens, a length unlike the others' where the dataset has
+/// no named positions) is reported and skipped; a cancel stops within the forward in flight,
+/// keeping every finished cell and pair.
 pub fn run(
     model: &Model,
     request: &DatasetRequest,
@@ -63,44 +68,59 @@ pub fn run(
 ) -> Result<DatasetResult> {
     let mut out = DatasetResult::new(request);
     let mut length: Option<usize> = None;
-    for index in 0..request.dataset.pairs.len() {
+    let indices: Vec<usize> = (0..request.dataset.pairs.len()).collect();
+    for group in indices.chunks(PAIRS_TOGETHER) {
         if cancel.load(Ordering::Relaxed) {
             break;
         }
-        let pair_request = request
-            .pair_request(index)
-            .ok_or_else(|| Error::Internal(format!("no pair {index}")))?;
-        let prepared = Sweep::prepare(model, &pair_request, options.top_k).and_then(|sweep| {
-            let seq = sweep.result().positions();
-            if request.dataset.named_positions().is_none() && *length.get_or_insert(seq) != seq {
-                return Err(Error::Input(format!(
-                    "its prompts are {seq} tokens where the dataset's first are {}: pairs of different lengths need \
-                     named positions (the built-in templates have them), so the cells line up",
-                    length.unwrap_or(seq)
-                )));
+        let (mut sweeps, mut swept) = (Vec::with_capacity(group.len()), Vec::with_capacity(group.len()));
+        for &index in group {
+            let pair_request = request
+                .pair_request(index)
+                .ok_or_else(|| Error::Internal(format!("no pair {index}")))?;
+            let prepared = Sweep::prepare(model, &pair_request, options.top_k).and_then(|sweep| {
+                let seq = sweep.result().positions();
+                if request.dataset.named_positions().is_none() && *length.get_or_insert(seq) != seq {
+                    return Err(Error::Input(format!(
+                        "its prompts are {seq} tokens where the dataset's first are {}: pairs of different lengths \
+                         need named positions (the built-in templates have them), so the cells line up",
+                        length.unwrap_or(seq)
+                    )));
+                }
+                Ok(sweep)
+            });
+            match prepared {
+                Ok(sweep) => {
+                    observe(DatasetEvent::PairStarted {
+                        index,
+                        result: sweep.result(),
+                    });
+                    sweeps.push(sweep);
+                    swept.push(index);
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    observe(DatasetEvent::PairFailed { index, error: &error });
+                    out.pairs[index].error = Some(error);
+                }
             }
-            Ok(sweep)
-        });
-        let sweep = match prepared {
-            Ok(s) => s,
-            Err(e) => {
-                let error = e.to_string();
-                observe(DatasetEvent::PairFailed { index, error: &error });
-                out.pairs[index].error = Some(error);
-                continue;
+        }
+        // The group's cells share packed forwards.
+        let results = run_together(sweeps, options, cancel, &mut |k, event| {
+            let index = swept[k];
+            match event {
+                SweepEvent::Cell(cell) => observe(DatasetEvent::Cell { index, cell }),
+                SweepEvent::Work(w) => observe(DatasetEvent::Work(w)),
+                SweepEvent::Estimated(_) | SweepEvent::Planned { .. } => {}
             }
-        };
-        observe(DatasetEvent::PairStarted {
-            index,
-            result: sweep.result(),
-        });
-        let result = sweep.run_observed(options, cancel, &mut |event| match event {
-            SweepEvent::Cell(cell) => observe(DatasetEvent::Cell { index, cell }),
-            SweepEvent::Work(w) => observe(DatasetEvent::Work(w)),
-            SweepEvent::Estimated(_) | SweepEvent::Planned { .. } => {}
         })?;
-        observe(DatasetEvent::PairFinished { index, result: &result });
-        out.pairs[index].set_result(result);
+        for (k, result) in results.into_iter().enumerate() {
+            observe(DatasetEvent::PairFinished {
+                index: swept[k],
+                result: &result,
+            });
+            out.pairs[swept[k]].set_result(result);
+        }
     }
     out.complete = !cancel.load(Ordering::Relaxed)
         && out

@@ -133,7 +133,7 @@ pub(super) fn cone_attention_tensors(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    prefix: &LayerKv,
+    prefixes: &[&LayerKv],
     segments: &[Segment],
     last_only: bool,
     scoring: Scoring,
@@ -148,7 +148,13 @@ pub(super) fn cone_attention_tensors(
     let q_len = |s: &Segment| if last_only { 1 } else { s.len };
     let lmax = segments.iter().map(q_len).max().unwrap_or(1);
     let slots = segments.iter().map(|s| s.offset + s.len).max().unwrap_or(1);
-    let prefix_len = prefix.k.dim(2)?;
+    // Every prefix's rows, then the packed tokens', in one source the key slots index.
+    let mut prefix_base = Vec::with_capacity(prefixes.len());
+    let mut prefix_rows = 0;
+    for p in prefixes {
+        prefix_base.push(prefix_rows);
+        prefix_rows += p.k.dim(2)?;
+    }
     let mut q_rows = Vec::with_capacity(n * lmax);
     let mut k_rows = Vec::with_capacity(n * slots);
     let mut mask = Vec::with_capacity(n * lmax * slots);
@@ -177,17 +183,21 @@ pub(super) fn cone_attention_tensors(
         first_query += ql;
         k_rows.extend((0..slots).map(|slot| {
             (if slot < s.offset {
-                slot
+                prefix_base[s.prefix] + slot
             } else if slot < s.offset + s.len {
-                prefix_len + s.row + (slot - s.offset)
+                prefix_rows + s.row + (slot - s.offset)
             } else {
                 0
             }) as u32
         }));
     }
-    let gather = |packed: &Tensor, cached: &Tensor| -> Result<Tensor> {
-        let cached = cached.squeeze(0)?.transpose(0, 1)?.contiguous()?; // [prefix, kv_heads, hd]
-        let src = Tensor::cat(&[&cached, packed], 0)?;
+    let gather = |packed: &Tensor, cached: &[&Tensor]| -> Result<Tensor> {
+        let mut parts = cached
+            .iter()
+            .map(|c| Ok(c.squeeze(0)?.transpose(0, 1)?.contiguous()?)) // [prefix, kv_heads, hd]
+            .collect::<Result<Vec<_>>>()?;
+        parts.push(packed.clone());
+        let src = Tensor::cat(&parts, 0)?;
         let rows = Tensor::from_vec(k_rows.clone(), n * slots, dev)?;
         Ok(src
             .index_select(&rows, 0)?
@@ -195,8 +205,8 @@ pub(super) fn cone_attention_tensors(
             .transpose(1, 2)?
             .contiguous()?)
     };
-    let keys = gather(k, &prefix.k)?; // [n, kv_heads, slots, hd]
-    let values = gather(v, &prefix.v)?;
+    let keys = gather(k, &prefixes.iter().map(|p| &p.k).collect::<Vec<_>>())?; // [n, kv_heads, slots, hd]
+    let values = gather(v, &prefixes.iter().map(|p| &p.v).collect::<Vec<_>>())?;
     // Query heads sharing a key/value head sit together (head = kv * rep + r), so no repeat_kv.
     let q = q
         .index_select(&Tensor::from_vec(q_rows, n * lmax, dev)?, 0)?
@@ -227,7 +237,7 @@ pub(super) fn cone_attention_cpu(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    prefix: &LayerKv,
+    prefixes: &[&LayerKv],
     segments: &[Segment],
     last_only: bool,
     scoring: Scoring,
@@ -237,10 +247,13 @@ pub(super) fn cone_attention_cpu(
     let (n_queries, heads, hd) = q.dims3()?;
     let kv_heads = k.dim(1)?;
     let rep = heads / kv_heads;
-    let prefix_len = prefix.k.dim(2)?;
     let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?); // [queries, heads, hd], [tokens, kv_heads, hd] ×2
-    let (pk, pv) = (flat(&prefix.k)?, flat(&prefix.v)?); // [1, kv_heads, prefix, hd]
+    // Each prefix [1, kv_heads, len, hd], flat, with its length.
+    let cached = prefixes
+        .iter()
+        .map(|p| Ok((flat(&p.k)?, flat(&p.v)?, p.k.dim(2)?)))
+        .collect::<Result<Vec<_>>>()?;
     // Each query: its segment and absolute position.
     let queries: Vec<(&Segment, usize)> = segments
         .iter()
@@ -263,7 +276,8 @@ pub(super) fn cone_attention_cpu(
         .zip(q.par_chunks(heads * hd))
         .zip(queries.par_iter())
         .for_each(|((out, q), &(s, pos))| {
-            let (k, v, pk, pv) = (&k, &v, &pk, &pv);
+            let (k, v) = (&k, &v);
+            let (pk, pv, prefix_len) = (&cached[s.prefix].0, &cached[s.prefix].1, cached[s.prefix].2);
             let key = |g: usize, slot: usize| -> (&[f32], &[f32]) {
                 let (at, keys, values) = if slot < s.offset {
                     ((g * prefix_len + slot) * hd, pk, pv)
@@ -329,16 +343,25 @@ mod tests {
     fn the_cpu_cone_attention_matches_the_tensor_path() {
         let dev = Device::Cpu;
         let (heads, kv_heads, hd, seq) = (6, 2, 8, 12);
-        let prefix = LayerKv {
+        // Two prefixes (two runs' caches): odd cones attend to the second.
+        let cache = || LayerKv {
             k: Tensor::randn(0f32, 1.0, (1, kv_heads, seq, hd), &dev).unwrap(),
             v: Tensor::randn(0f32, 1.0, (1, kv_heads, seq, hd), &dev).unwrap(),
         };
+        let (first, second) = (cache(), cache());
+        let prefix = [&first, &second];
         // Cones of different offsets and lengths, one of a single token, packed in order.
         let shapes = [(3, 9), (7, 5), (11, 1), (0, 12)];
         let mut segments = Vec::new();
         let mut row = 0;
         for (cone, &(offset, len)) in shapes.iter().enumerate() {
-            segments.push(Segment { cone, row, len, offset });
+            segments.push(Segment {
+                cone,
+                row,
+                len,
+                offset,
+                prefix: cone % 2,
+            });
             row += len;
         }
         let k = Tensor::randn(0f32, 1.0, (row, kv_heads, hd), &dev).unwrap();

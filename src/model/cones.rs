@@ -40,13 +40,16 @@ pub(super) struct Segment {
     pub(super) len: usize,
     /// Absolute position of the first token.
     pub(super) offset: usize,
+    /// Which of the forward's key/value prefixes the segment attends to before `offset`.
+    pub(super) prefix: usize,
 }
 
 /// Where a packed forward's tokens find the keys and values before their segment's offset.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Prefix<'a> {
-    /// A cache from an earlier forward, `[1, kv_heads, len, head_dim]`.
-    Cached(&'a LayerKv),
+    /// Caches from earlier forwards, `[1, kv_heads, len, head_dim]`: each segment attends to
+    /// the one its [`Segment::prefix`] names.
+    Cached(Vec<&'a LayerKv>),
     /// The first `len` packed rows of this same forward: positions `0..len`, shared by every
     /// segment that starts at `len`.
     Packed(usize),
@@ -113,6 +116,7 @@ impl Transformer {
                 row: 0,
                 len: shared,
                 offset: 0,
+                prefix: 0,
             });
         }
         for (i, p) in prompts.iter().enumerate() {
@@ -121,6 +125,7 @@ impl Transformer {
                 row: shared + i * own,
                 len: own,
                 offset: shared,
+                prefix: 0,
             });
             ids.extend_from_slice(&p[shared..]);
         }
@@ -198,9 +203,27 @@ impl Transformer {
         cancel: &AtomicBool,
         on_layer: &mut dyn FnMut(usize),
     ) -> Result<Tensor> {
+        self.forward_cones_over(cones, &[prefix], &vec![0; cones.len()], cancel, on_layer)
+    }
+
+    /// [`Transformer::forward_cones`] for cones of different runs (the pairs of a dataset): cone
+    /// `i` attends to `prefixes[cone_prefix[i]]` before its offset, so cells of many prompts share
+    /// one packed forward.
+    pub fn forward_cones_over(
+        &self,
+        cones: &[Cone],
+        prefixes: &[&[LayerKv]],
+        cone_prefix: &[usize],
+        cancel: &AtomicBool,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
         let n_layers = self.layers.len();
         let d = self.cfg.hidden_size;
+        if cone_prefix.len() != cones.len() || cone_prefix.iter().any(|&p| p >= prefixes.len()) {
+            return Err(Error::Internal("every cone needs one of the forward's prefixes".into()));
+        }
         for (i, c) in cones.iter().enumerate() {
+            let prefix = prefixes[cone_prefix[i]];
             let (seq, hidden) = c.hidden.dims2()?;
             let prefix_len = match prefix.get(c.start_layer.min(n_layers.saturating_sub(1))) {
                 Some(kv) => kv.k.dim(2)?,
@@ -229,7 +252,8 @@ impl Transformer {
         let mut segments: Vec<Segment> = Vec::with_capacity(cones.len());
         let mut x: Option<Tensor> = None;
         let mut joined = 0;
-        for (l, layer_prefix) in prefix.iter().enumerate().take(n_layers).skip(first_layer) {
+        for l in first_layer..n_layers {
+            let layer_prefixes: Vec<&LayerKv> = prefixes.iter().map(|p| &p[l]).collect();
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled("cancelled".into()));
             }
@@ -242,6 +266,7 @@ impl Transformer {
                     row: rows,
                     len,
                     offset: cones[i].offset,
+                    prefix: cone_prefix[i],
                 });
                 rows += len;
                 parts.push(cones[i].hidden.clone());
@@ -252,7 +277,7 @@ impl Transformer {
             } else {
                 Tensor::cat(&parts, 0)?
             };
-            let layer = self.packed_layer(l, &packed, &segments, Prefix::Cached(layer_prefix), l + 1 == n_layers)?;
+            let layer = self.packed_layer(l, &packed, &segments, Prefix::Cached(layer_prefixes), l + 1 == n_layers)?;
             x = Some(layer.resid_post);
             on_layer(rows);
         }
@@ -351,8 +376,8 @@ impl Transformer {
         let v = v.contiguous()?.reshape((tokens, kv_heads, hd))?;
 
         let shared;
-        let prefix = match prefix {
-            Prefix::Cached(kv) => kv,
+        let prefixes: Vec<&LayerKv> = match prefix {
+            Prefix::Cached(kvs) => kvs,
             Prefix::Packed(len) => {
                 debug_assert!(
                     segments
@@ -368,15 +393,15 @@ impl Transformer {
                     k: cache(&k)?,
                     v: cache(&v)?,
                 };
-                &shared
+                vec![&shared]
             }
         };
         let cpu_f32 = dev.is_cpu() && self.dtype == DType::F32;
         let scoring = Scoring::of(cfg, l);
         let out = if cpu_f32 {
-            cone_attention_cpu(&q, &k, &v, prefix, segments, last_only, scoring)?
+            cone_attention_cpu(&q, &k, &v, &prefixes, segments, last_only, scoring)?
         } else {
-            cone_attention_tensors(&q, &k, &v, prefix, segments, last_only, scoring)?
+            cone_attention_tensors(&q, &k, &v, &prefixes, segments, last_only, scoring)?
         };
         let attn_out = self.attn_post(l, linear_fwd(&attn.o_proj, &out)?)?;
         let mid = (&x + &attn_out)?;

@@ -134,7 +134,7 @@ impl Sweep<'_> {
 
     /// The cones of residual-stream cells (every component but the heads'): the precomputed
     /// patched row, then the target run's stream after it.
-    fn residual_cones(&self, block: &[CellAt], starts: &[Tensor]) -> Result<Vec<Cone>> {
+    pub(super) fn residual_cones(&self, block: &[CellAt], starts: &[Tensor]) -> Result<Vec<Cone>> {
         block
             .iter()
             .map(|&at| {

@@ -16,6 +16,7 @@ pub mod request;
 pub mod result;
 pub mod schedule;
 pub mod sweep;
+pub mod together;
 
 pub use cost::Estimate;
 pub use layout::{Axis, CellAt, Layout, View};

@@ -234,7 +234,7 @@ pub(crate) fn tier_blocks(
 
 /// The most cells and packed token rows one block may hold: its logits and its activations stay
 /// within [`FAST_MAX_BLOCK_LOGIT_BYTES`] and [`FAST_MAX_BLOCK_ACTIVATION_BYTES`].
-fn block_bounds(cfg: &ArchConfig, seq: usize, tensor_attention: bool) -> (usize, usize) {
+pub(super) fn block_bounds(cfg: &ArchConfig, seq: usize, tensor_attention: bool) -> (usize, usize) {
     let max_cells = (FAST_MAX_BLOCK_LOGIT_BYTES / (4 * cfg.vocab_size.max(1))).max(1);
     // A packed token row's activations in one layer: the residual stream and its copies (norm,
     // attention output, resid_mid, MLP output), queries, keys and values, and the MLP's gate,

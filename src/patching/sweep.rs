@@ -453,7 +453,7 @@ impl<'m> Sweep<'m> {
     }
 
     /// The no-op cells: the target run's own numbers.
-    fn emit_noops(&mut self, noops: &[CellAt], observe: &mut dyn FnMut(SweepEvent<'_>)) {
+    pub(super) fn emit_noops(&mut self, noops: &[CellAt], observe: &mut dyn FnMut(SweepEvent<'_>)) {
         // As many candidates as the baselines kept.
         let template = self.cell_of(CellAt::at(0, 0), &self.target_logits, self.result.clean_top_k.len());
         for &at in noops {
@@ -469,7 +469,7 @@ impl<'m> Sweep<'m> {
     /// The last layer's cells computed with the baselines: one cell for the patch at the last
     /// position, the target run's logits (one top-k, shared) for the others. Returns whether they
     /// were there to emit.
-    fn emit_last_layer(&mut self, top_k: usize, observe: &mut dyn FnMut(SweepEvent<'_>)) -> bool {
+    pub(super) fn emit_last_layer(&mut self, top_k: usize, observe: &mut dyn FnMut(SweepEvent<'_>)) -> bool {
         let Some((patched, target)) = self.last_layer_logits.take() else {
             return false;
         };
@@ -540,7 +540,7 @@ impl<'m> Sweep<'m> {
     }
 
     /// Files a finished cell in the result.
-    fn file(&mut self, cell: Cell) {
+    pub(super) fn file(&mut self, cell: Cell) {
         if cell.skipped {
             self.result.timing.cells_skipped += 1;
         } else {
@@ -575,7 +575,7 @@ impl<'m> Sweep<'m> {
     /// The finished cells of one block from its logits rows, in block order, and the CPU seconds
     /// their metrics took. Spread over the cores: the metrics, softmax and top-k over a large
     /// vocabulary per cell are not free.
-    fn block_cells(&self, block: &[CellAt], logits: Vec<Vec<f32>>, top_k: usize) -> (Vec<Cell>, f64) {
+    pub(super) fn block_cells(&self, block: &[CellAt], logits: Vec<Vec<f32>>, top_k: usize) -> (Vec<Cell>, f64) {
         let timed: Vec<(Cell, f64)> = if block.len() <= 1 {
             block
                 .iter()
