@@ -71,7 +71,12 @@ impl Dataset {
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading the pairs file", e, path))?;
         let csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-        let (pairs, dropped) = if csv { from_csv(&text)? } else { from_jsonl(&text) };
+        let (pairs, dropped, position_names) = if csv {
+            let (p, d) = from_csv(&text)?;
+            (p, d, Vec::new())
+        } else {
+            from_jsonl(&text)
+        };
         let name = path
             .file_name()
             .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
@@ -84,7 +89,7 @@ impl Dataset {
         Ok(Self {
             name,
             pairs,
-            position_names: Vec::new(),
+            position_names,
             dropped,
         })
     }
@@ -95,15 +100,47 @@ impl Dataset {
     }
 }
 
-/// One JSON object per line; blank lines and `#` comments are skipped.
-fn from_jsonl(text: &str) -> (Vec<PromptPair>, Vec<Dropped>) {
+/// A JSONL line: a pair, optionally with named positions (`"position_names": ["IO", "S1", …],
+/// "positions": [3, 5, …]`, this pair's token index of each).
+#[derive(Deserialize)]
+struct Line {
+    #[serde(flatten)]
+    pair: PromptPair,
+    #[serde(default)]
+    position_names: Vec<String>,
+}
+
+/// One JSON object per line; blank lines and `#` comments are skipped. Lines may name positions:
+/// then every line must name the same ones, and the dataset's columns are those names.
+fn from_jsonl(text: &str) -> (Vec<PromptPair>, Vec<Dropped>, Vec<String>) {
     let (mut pairs, mut dropped) = (Vec::new(), Vec::new());
+    let mut names: Option<Vec<String>> = None;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        match serde_json::from_str::<PromptPair>(line) {
+        let what = || format!("line {}", i + 1);
+        let parsed = serde_json::from_str::<Line>(line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| {
+                let named = names.get_or_insert_with(|| l.position_names.clone());
+                if l.position_names != *named {
+                    Err(format!(
+                        "it names the positions {:?} where the first line names {:?}",
+                        l.position_names, named
+                    ))
+                } else if l.pair.positions.len() != named.len() {
+                    Err(format!(
+                        "it gives {} positions for {} named ones",
+                        l.pair.positions.len(),
+                        named.len()
+                    ))
+                } else {
+                    Ok(l.pair)
+                }
+            });
+        match parsed {
             Ok(p) => match missing_field(&p) {
                 Some(field) => dropped.push(Dropped {
                     what: format!("line {}", i + 1),
@@ -111,13 +148,10 @@ fn from_jsonl(text: &str) -> (Vec<PromptPair>, Vec<Dropped>) {
                 }),
                 None => pairs.push(p),
             },
-            Err(e) => dropped.push(Dropped {
-                what: format!("line {}", i + 1),
-                why: e.to_string(),
-            }),
+            Err(why) => dropped.push(Dropped { what: what(), why }),
         }
     }
-    (pairs, dropped)
+    (pairs, dropped, names.unwrap_or_default())
 }
 
 /// A CSV with a header row; the csv crate handles quoting (commas and quotes in prompts).
@@ -202,7 +236,7 @@ mod tests {
                      \n# a comment\n\
                      {\"clean\": \"a b\", \"corrupted\": \"a c\"}\n\
                      {\"clean\": \"\", \"corrupted\": \"a c\", \"correct\": \" x\", \"incorrect\": \" y\", \"label\": \"e\"}\n";
-        let (pairs, dropped) = from_jsonl(jsonl);
+        let (pairs, dropped, _) = from_jsonl(jsonl);
         assert_eq!(pairs.len(), 1);
         assert_eq!(dropped.len(), 2);
         assert_eq!(dropped[0].what, "line 4");
@@ -221,5 +255,17 @@ mod tests {
         );
         let err = from_csv("clean,corrupted\na,b\n").unwrap_err().to_string();
         assert!(err.contains("correct, incorrect"), "{err}");
+        // Named positions by label: every line names the same ones.
+        let named = "{\"clean\": \"a b\", \"corrupted\": \"a c\", \"correct\": \" x\", \"incorrect\": \" y\", \
+                     \"position_names\": [\"S\", \"END\"], \"positions\": [1, 2]}\n\
+                     {\"clean\": \"d a b\", \"corrupted\": \"d a c\", \"correct\": \" x\", \"incorrect\": \" y\", \
+                     \"position_names\": [\"S\", \"END\"], \"positions\": [2, 3]}\n\
+                     {\"clean\": \"a b\", \"corrupted\": \"a c\", \"correct\": \" x\", \"incorrect\": \" y\"}\n";
+        let (pairs, dropped, names) = from_jsonl(named);
+        assert_eq!(names, ["S", "END"]);
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[1].positions, [2, 3]);
+        assert_eq!(dropped[0].what, "line 3");
+        assert!(dropped[0].why.contains("names the positions"), "{:?}", dropped[0]);
     }
 }

@@ -80,6 +80,11 @@ pub fn run(
                 .ok_or_else(|| Error::Internal(format!("no pair {index}")))?;
             let prepared = Sweep::prepare(model, &pair_request, options.top_k).and_then(|sweep| {
                 let seq = sweep.result().positions();
+                if let Some(bad) = request.dataset.pairs[index].positions.iter().find(|&&p| p >= seq) {
+                    return Err(Error::Input(format!(
+                        "its named position at token {bad} is past its {seq} tokens"
+                    )));
+                }
                 if request.dataset.named_positions().is_none() && *length.get_or_insert(seq) != seq {
                     return Err(Error::Input(format!(
                         "its prompts are {seq} tokens where the dataset's first are {}: pairs of different lengths \
