@@ -214,3 +214,120 @@ fn atp_star_follows_saturated_attention_where_atp_does_not() {
     eprintln!("mean |exact - estimate|: AtP* {star} vs AtP {atp}");
     assert!(star < 0.5 * atp, "mean |exact − estimate|: AtP* {star} vs AtP {atp}");
 }
+
+/// AtP*'s fix is exact through the attention: the head outputs it recomputes for patched queries
+/// (every head's attention with the source run's queries over the target run's keys and values)
+/// equal those of a forward of the target prompt with the queries patched in, even where the
+/// attention is saturated. Only what follows the head's output is taken to first order.
+#[test]
+fn atp_star_head_outputs_equal_a_forward_with_the_queries_patched() {
+    use patchbay::model::{Hooks, Site, Span};
+    let (_, mut config) = common::tiny_configs()
+        .into_iter()
+        .find(|(n, _)| n == "tiny-llama")
+        .unwrap();
+    config["num_hidden_layers"] = 2.into();
+    let dir = TempDir::new("atp-exact-z");
+    write_tiny_model(&dir.0, &config);
+    let path = dir.0.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("self_attn.q_proj.weight") {
+            *t = (&*t * 30.0).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let model = load_folder(&dir.0);
+    let t = &model.transformer;
+    let request = tiny_request(Component::HeadQ);
+    let (clean, corrupted) = (
+        model.tokenizer.encode_prompt(&request.clean).unwrap(),
+        model.tokenizer.encode_prompt(&request.corrupted).unwrap(),
+    );
+    // Each run's resid_pre at layer 1.
+    struct Grab(Option<candle_core::Tensor>, Site, usize);
+    impl Hooks for Grab {
+        fn visit(
+            &mut self,
+            site: Site,
+            layer: usize,
+            _: usize,
+            x: candle_core::Tensor,
+        ) -> patchbay::Result<candle_core::Tensor> {
+            if (site, layer) == (self.1, self.2) {
+                self.0 = Some(x.clone());
+            }
+            Ok(x)
+        }
+    }
+    let pre = |ids: &[u32]| {
+        let mut g = Grab(None, Site::ResidPre, 1);
+        t.forward(t.embed(&[ids]).unwrap(), Span::default(), &mut g).unwrap();
+        g.0.unwrap()
+    };
+    let (source, target) = (
+        t.head_activations(1, &pre(&clean)).unwrap(),
+        t.head_activations(1, &pre(&corrupted)).unwrap(),
+    );
+    let cfg = t.config();
+    let rep = cfg.num_heads / cfg.num_kv_heads;
+    let expand = |x: &candle_core::Tensor| {
+        let (g, s, d) = x.dims3().unwrap();
+        x.unsqueeze(1)
+            .unwrap()
+            .broadcast_as((g, rep, s, d))
+            .unwrap()
+            .reshape((cfg.num_heads, s, d))
+            .unwrap()
+    };
+    let recomputed = t
+        .attend_heads(1, &source.q, &expand(&target.k), &expand(&target.v))
+        .unwrap();
+    // The target forward with layer 1's queries replaced by the source run's, its head outputs kept.
+    struct PatchQ(candle_core::Tensor, Option<candle_core::Tensor>);
+    impl Hooks for PatchQ {
+        fn visit(
+            &mut self,
+            site: Site,
+            layer: usize,
+            _: usize,
+            x: candle_core::Tensor,
+        ) -> patchbay::Result<candle_core::Tensor> {
+            Ok(match (site, layer) {
+                (Site::Q, 1) => self.0.unsqueeze(0)?,
+                (Site::Z, 1) => {
+                    self.1 = Some(x.clone());
+                    x
+                }
+                _ => x,
+            })
+        }
+    }
+    let mut patch = PatchQ(source.q.clone(), None);
+    t.forward(t.embed(&[&corrupted]).unwrap(), Span::default(), &mut patch)
+        .unwrap();
+    let z = patch.1.unwrap().squeeze(0).unwrap(); // [seq, heads * hd]
+    let (seq, hd) = (z.dim(0).unwrap(), cfg.head_dim);
+    let z = z.reshape((seq, cfg.num_heads, hd)).unwrap().transpose(0, 1).unwrap();
+    let gap = (recomputed - z)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gap < 1e-5, "AtP*'s head outputs vs the patched forward's: {gap}");
+    // And the attention is saturated there: some head's pattern row puts > 0.99 on one key.
+    let max = source
+        .pattern
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(max > 0.99, "saturated: {max}");
+}
