@@ -73,7 +73,8 @@ impl PatchbayApp {
 /// data, its mean as the figure) while the mean over pairs is shown.
 #[derive(Clone)]
 pub enum Saveable {
-    Sweep(Box<SweepResult>),
+    /// The sweep as data, and as drawn (its estimate or exact − estimate, when asked for).
+    Sweep(Box<SweepResult>, Box<SweepResult>),
     Dataset(Box<DatasetResult>, Box<SweepResult>),
 }
 
@@ -81,7 +82,7 @@ impl Saveable {
     /// The sweep result drawn (the mean over pairs for a dataset).
     pub fn sweep(&self) -> &SweepResult {
         match self {
-            Saveable::Sweep(r) | Saveable::Dataset(_, r) => r,
+            Saveable::Sweep(_, r) | Saveable::Dataset(_, r) => r,
         }
     }
 }
@@ -89,10 +90,14 @@ impl Saveable {
 impl PatchbayApp {
     /// What Save writes now.
     fn saveable(&self) -> Option<Saveable> {
-        let shown = self.result()?.clone();
+        let result = self.result()?;
         Some(match self.dataset_result() {
-            Some(d) if self.dataset_shows_mean() => Saveable::Dataset(Box::new(d.clone()), Box::new(shown)),
-            _ => Saveable::Sweep(Box::new(shown)),
+            Some(d) if self.dataset_shows_mean() => Saveable::Dataset(Box::new(d.clone()), Box::new(result.clone())),
+            _ => {
+                let drawn =
+                    crate::patching::estimate::with_view(result, self.figure_view).unwrap_or_else(|| result.clone());
+                Saveable::Sweep(Box::new(result.clone()), Box::new(drawn))
+            }
         })
     }
 }
@@ -107,7 +112,13 @@ pub fn save_to(
 ) -> Result<String, String> {
     export::check_outputs(&[path], protected).map_err(|e| e.to_string())?;
     match result {
-        Saveable::Sweep(r) => export::save(r, path, shown).map(|()| format!("saved {}", path.display())),
+        Saveable::Sweep(data, drawn) => export::Format::from_path(path).and_then(|format| {
+            let r = match format {
+                export::Format::Json | export::Format::Csv => data,
+                _ => drawn,
+            };
+            export::save_as(r, path, format, shown).map(|()| format!("saved {}", path.display()))
+        }),
         Saveable::Dataset(d, _) => export::Format::from_path(path).and_then(|format| {
             d.save(path, format, shown).map(|written| {
                 let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
@@ -129,7 +140,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let model = dir.join("model.gguf");
         std::fs::write(&model, b"weights").unwrap();
-        let result = Saveable::Sweep(Box::new(SweepResult::empty_for_tests(2, 3)));
+        let empty = Box::new(SweepResult::empty_for_tests(2, 3));
+        let result = Saveable::Sweep(empty.clone(), empty);
         let refused = save_to(&result, &model, &export::Shown::default(), std::slice::from_ref(&model)).unwrap_err();
         assert!(refused.contains("over the model being swept"), "{refused}");
         assert_eq!(std::fs::read(&model).unwrap(), b"weights");

@@ -92,6 +92,8 @@ pub struct PatchbayApp {
     dataset: dataset::DatasetState,
     /// A dataset sweep's progress, in pairs.
     dataset_progress: Progress,
+    /// What saved figures and .npy draw of a sweep with an estimate.
+    figure_view: crate::patching::estimate::EstimateView,
 }
 
 /// The worker's answer to a head cell's attention patterns.
@@ -137,6 +139,7 @@ impl PatchbayApp {
             confirm_cells: None,
             dataset: dataset::DatasetState::default(),
             dataset_progress: Progress::default(),
+            figure_view: crate::patching::estimate::EstimateView::Exact,
             patterns: None,
             work_rate: None,
             sweeps_started: 0,

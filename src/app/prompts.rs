@@ -10,7 +10,7 @@ use super::settings::Verify;
 use super::{DIFF_FILL, ERROR_TEXT, OK_TEXT, PatchbayApp};
 use crate::model::TextTokenizer;
 use crate::patching::cost::CostModel;
-use crate::patching::estimate::EstimateMethod;
+use crate::patching::estimate::{EstimateMethod, EstimateView};
 use crate::patching::{Component, Direction, Layout, Metric};
 
 /// A prompt editor grows to this height, then scrolls.
@@ -404,6 +404,19 @@ impl PatchbayApp {
 
     /// Save figure…, Export data…, the colour range and the last save's message.
     fn output_controls(&mut self, ui: &mut Ui) {
+        if self.sweep.as_ref().is_some_and(|s| s.result.estimate.is_some()) {
+            egui::ComboBox::from_label("figures show")
+                .selected_text(estimate_view_name(self.figure_view))
+                .show_ui(ui, |ui| {
+                    for v in [EstimateView::Exact, EstimateView::Estimate, EstimateView::Difference] {
+                        ui.selectable_value(&mut self.figure_view, v, estimate_view_name(v));
+                    }
+                })
+                .response
+                .on_hover_text(
+                    "What a saved figure or .npy draws of a sweep with an estimate (JSON and CSV hold both)",
+                );
+        }
         ui.horizontal(|ui| {
             let has = self.sweep.is_some();
             if ui
@@ -489,6 +502,15 @@ impl Tokens {
                 self.error = Some(e.to_string());
             }
         }
+    }
+}
+
+/// A figure view's name in the picker.
+fn estimate_view_name(v: EstimateView) -> &'static str {
+    match v {
+        EstimateView::Exact => "the exact cells",
+        EstimateView::Estimate => "the estimate",
+        EstimateView::Difference => "exact − estimate",
     }
 }
 
