@@ -31,9 +31,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Patch one component (residual stream, block outputs or attention heads) over every layer ×
-    /// position (× head), denoising or noising, and report six metrics per cell.
+    /// position (× head), denoising or noising, and report six metrics per cell: for one prompt
+    /// pair (optionally estimated first by attribution patching), or averaged over a dataset of
+    /// pairs (--pairs, --template).
     Sweep(Box<sweep::SweepArgs>),
-    /// Time the naive and fast schedules on one sweep, alternating, with peak memory.
+    /// Time the naive and fast schedules on one sweep, alternating, with peak memory (and the
+    /// attribution estimate with --estimate, or a dataset with --template/--pairs).
     Bench(Box<bench::BenchArgs>),
     /// Show how prompts and answers tokenize, with positions.
     Tokenize(tokenize::TokenizeArgs),
