@@ -74,11 +74,18 @@ pub fn run(
             break;
         }
         let (mut sweeps, mut swept) = (Vec::with_capacity(group.len()), Vec::with_capacity(group.len()));
-        for &index in group {
-            let pair_request = request
-                .pair_request(index)
-                .ok_or_else(|| Error::Internal(format!("no pair {index}")))?;
-            let prepared = Sweep::prepare(model, &pair_request, options.top_k).and_then(|sweep| {
+        // The group's baselines in one packed forward.
+        let requests = group
+            .iter()
+            .map(|&i| {
+                request
+                    .pair_request(i)
+                    .ok_or_else(|| Error::Internal(format!("no pair {i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let prepared_group = Sweep::prepare_many(model, &requests, options.top_k);
+        for (&index, prepared) in group.iter().zip(prepared_group) {
+            let prepared = prepared.and_then(|sweep| {
                 let seq = sweep.result().positions();
                 if let Some(bad) = request.dataset.pairs[index].positions.iter().find(|&&p| p >= seq) {
                     return Err(Error::Input(format!(

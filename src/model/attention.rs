@@ -192,9 +192,11 @@ pub(super) fn cone_attention_tensors(
         }));
     }
     let gather = |packed: &Tensor, cached: &[&Tensor]| -> Result<Tensor> {
+        // [prefix, kv_heads, hd] each; an empty one (a group sharing no tokens) adds no rows.
         let mut parts = cached
             .iter()
-            .map(|c| Ok(c.squeeze(0)?.transpose(0, 1)?.contiguous()?)) // [prefix, kv_heads, hd]
+            .filter(|c| c.dim(2).is_ok_and(|n| n > 0))
+            .map(|c| Ok(c.squeeze(0)?.transpose(0, 1)?.contiguous()?))
             .collect::<Result<Vec<_>>>()?;
         parts.push(packed.clone());
         let src = Tensor::cat(&parts, 0)?;

@@ -50,9 +50,9 @@ enum Prefix<'a> {
     /// Caches from earlier forwards, `[1, kv_heads, len, head_dim]`: each segment attends to
     /// the one its [`Segment::prefix`] names.
     Cached(Vec<&'a LayerKv>),
-    /// The first `len` packed rows of this same forward: positions `0..len`, shared by every
-    /// segment that starts at `len`.
-    Packed(usize),
+    /// Rows of this same forward, `(first row, len)` per group: positions `0..len` of the prompts
+    /// whose segments name the group as their prefix.
+    Shared(Vec<(usize, usize)>),
 }
 
 /// One layer of a packed forward: its activations, `[rows, ..]` in the packed row order, and
@@ -88,99 +88,146 @@ impl Transformer {
     /// `sites`, every layer's keys and values, and the last position's final residual stream, per
     /// prompt, as an unpacked batch would.
     pub fn forward_shared_prefix(&self, prompts: &[&[u32]], shared: usize, sites: &[Site]) -> Result<PromptsForward> {
-        let seq = prompts.first().map_or(0, |p| p.len());
-        if seq == 0 || prompts.iter().any(|p| p.len() != seq) {
-            return Err(Error::Internal(
-                "a shared-prefix forward needs non-empty prompts of one length".into(),
-            ));
+        let mut out = self.forward_prompt_groups(&[(prompts, shared)], sites)?;
+        out.pop()
+            .ok_or_else(|| Error::Internal("a packed forward lost its group".into()))
+    }
+
+    /// [`Transformer::forward_shared_prefix`] for several groups of prompts at once (a dataset's
+    /// pairs): every group's shared tokens and its prompts' own ones in one packed forward, each
+    /// prompt attending to its own group's shared tokens. Returns one [`PromptsForward`] per group.
+    pub fn forward_prompt_groups(&self, groups: &[(&[&[u32]], usize)], sites: &[Site]) -> Result<Vec<PromptsForward>> {
+        struct Placed {
+            prompts: usize,
+            seq: usize,
+            shared_row: usize,
+            shared: usize,
+            own_row: usize,
         }
-        if seq > self.cfg.max_position_embeddings.max(1) {
-            return Err(Error::Input(format!(
-                "the prompts are {seq} tokens long, more than this model's {} positions",
-                self.cfg.max_position_embeddings
-            )));
-        }
-        // At least the last token is each prompt's own: it gives that prompt's logits.
-        let shared = shared.min(seq - 1);
-        if prompts.iter().any(|p| p[..shared] != prompts[0][..shared]) {
-            return Err(Error::Internal(format!(
-                "the prompts do not share their first {shared} tokens"
-            )));
-        }
-        let own = seq - shared;
-        let mut ids: Vec<u32> = prompts[0][..shared].to_vec();
-        let mut segments = Vec::with_capacity(prompts.len() + 1);
-        if shared > 0 {
-            segments.push(Segment {
-                cone: 0,
-                row: 0,
-                len: shared,
-                offset: 0,
-                prefix: 0,
+        let mut ids: Vec<u32> = Vec::new();
+        let mut segments = Vec::new();
+        let mut spans = Vec::with_capacity(groups.len());
+        let mut placed = Vec::with_capacity(groups.len());
+        for (g, &(prompts, shared)) in groups.iter().enumerate() {
+            let seq = prompts.first().map_or(0, |p| p.len());
+            if seq == 0 || prompts.iter().any(|p| p.len() != seq) {
+                return Err(Error::Internal(
+                    "a shared-prefix forward needs non-empty prompts of one length".into(),
+                ));
+            }
+            if seq > self.cfg.max_position_embeddings.max(1) {
+                return Err(Error::Input(format!(
+                    "the prompts are {seq} tokens long, more than this model's {} positions",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            // At least the last token is each prompt's own: it gives that prompt's logits.
+            let shared = shared.min(seq - 1);
+            if prompts.iter().any(|p| p[..shared] != prompts[0][..shared]) {
+                return Err(Error::Internal(format!(
+                    "the prompts do not share their first {shared} tokens"
+                )));
+            }
+            let own = seq - shared;
+            let shared_row = ids.len();
+            ids.extend_from_slice(&prompts[0][..shared]);
+            if shared > 0 {
+                segments.push(Segment {
+                    cone: segments.len(),
+                    row: shared_row,
+                    len: shared,
+                    offset: 0,
+                    prefix: g,
+                });
+            }
+            let own_row = ids.len();
+            for (i, p) in prompts.iter().enumerate() {
+                segments.push(Segment {
+                    cone: segments.len(),
+                    row: own_row + i * own,
+                    len: own,
+                    offset: shared,
+                    prefix: g,
+                });
+                ids.extend_from_slice(&p[shared..]);
+            }
+            spans.push((shared_row, shared));
+            placed.push(Placed {
+                prompts: prompts.len(),
+                seq,
+                shared_row,
+                shared,
+                own_row,
             });
-        }
-        for (i, p) in prompts.iter().enumerate() {
-            segments.push(Segment {
-                cone: i + 1,
-                row: shared + i * own,
-                len: own,
-                offset: shared,
-                prefix: 0,
-            });
-            ids.extend_from_slice(&p[shared..]);
         }
         let dev = &self.device;
-        // Packed rows of each prompt's tokens in order, to unpack `[tokens, ..]` into `[prompts, seq, ..]`.
-        let unpack_rows: Vec<u32> = (0..prompts.len())
-            .flat_map(|i| (0..shared).chain((0..own).map(move |j| shared + i * own + j)))
-            .map(|r| r as u32)
-            .collect();
-        let unpack_rows = Tensor::from_vec(unpack_rows, prompts.len() * seq, dev)?;
-        let unpack = |t: &Tensor| -> Result<Tensor> {
-            let mut dims = vec![prompts.len(), seq];
+        // Per group, the packed rows of each prompt's tokens in order, to unpack `[tokens, ..]`
+        // into `[prompts, seq, ..]`.
+        let unpackers = placed
+            .iter()
+            .map(|g| {
+                let own = g.seq - g.shared;
+                let rows: Vec<u32> = (0..g.prompts)
+                    .flat_map(|i| {
+                        (g.shared_row..g.shared_row + g.shared).chain((0..own).map(move |j| g.own_row + i * own + j))
+                    })
+                    .map(|r| r as u32)
+                    .collect();
+                Ok(Tensor::from_vec(rows, g.prompts * g.seq, dev)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let unpack = |g: usize, t: &Tensor| -> Result<Tensor> {
+            let mut dims = vec![placed[g].prompts, placed[g].seq];
             dims.extend_from_slice(&t.dims()[1..]);
-            Ok(t.index_select(&unpack_rows, 0)?.reshape(dims)?)
+            Ok(t.index_select(&unpackers[g], 0)?.reshape(dims)?)
         };
-        let mut acts = HashMap::new();
-        let mut kv = Vec::with_capacity(self.layers.len());
+        let mut acts: Vec<HashMap<(Site, usize), Tensor>> = vec![HashMap::new(); groups.len()];
+        let mut kv: Vec<Vec<LayerKv>> = vec![Vec::with_capacity(self.layers.len()); groups.len()];
         let positions: Vec<u32> = segments
             .iter()
             .flat_map(|s| (s.offset..s.offset + s.len).map(|p| p as u32))
             .collect();
         let mut x = self.embed_at(&ids, &positions)?;
         for l in 0..self.layers.len() {
-            let layer = self.packed_layer(l, &x, &segments, Prefix::Packed(shared), false)?;
-            for &site in sites {
-                let act = match site {
-                    Site::ResidPre => &x,
-                    Site::AttnOut => &layer.attn_out,
-                    Site::ResidMid => &layer.resid_mid,
-                    Site::MlpOut => &layer.mlp_out,
-                    Site::ResidPost => &layer.resid_post,
-                    other => {
-                        return Err(Error::Internal(format!(
-                            "a packed forward keeps residual sites only, not {other:?}"
-                        )));
-                    }
-                };
-                acts.insert((site, l), unpack(act)?);
+            let layer = self.packed_layer(l, &x, &segments, Prefix::Shared(spans.clone()), false)?;
+            for g in 0..groups.len() {
+                for &site in sites {
+                    let act = match site {
+                        Site::ResidPre => &x,
+                        Site::AttnOut => &layer.attn_out,
+                        Site::ResidMid => &layer.resid_mid,
+                        Site::MlpOut => &layer.mlp_out,
+                        Site::ResidPost => &layer.resid_post,
+                        other => {
+                            return Err(Error::Internal(format!(
+                                "a packed forward keeps residual sites only, not {other:?}"
+                            )));
+                        }
+                    };
+                    acts[g].insert((site, l), unpack(g, act)?);
+                }
+                // `[prompts, seq, kv_heads, hd]` → `[prompts, kv_heads, seq, hd]`, as `forward` keeps them.
+                let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(unpack(g, t)?.transpose(1, 2)?.contiguous()?) };
+                kv[g].push(LayerKv {
+                    k: heads_first(&layer.k)?,
+                    v: heads_first(&layer.v)?,
+                });
             }
-            // `[prompts, seq, kv_heads, hd]` → `[prompts, kv_heads, seq, hd]`, as `forward` keeps them.
-            let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(unpack(t)?.transpose(1, 2)?.contiguous()?) };
-            kv.push(LayerKv {
-                k: heads_first(&layer.k)?,
-                v: heads_first(&layer.v)?,
-            });
             x = layer.resid_post;
         }
-        let last_rows: Vec<u32> = (0..prompts.len())
-            .map(|i| (shared + (i + 1) * own - 1) as u32)
-            .collect();
-        Ok(PromptsForward {
-            last_hidden: x.index_select(&Tensor::from_vec(last_rows, prompts.len(), dev)?, 0)?,
-            acts,
-            kv,
-        })
+        placed
+            .iter()
+            .zip(acts.into_iter().zip(kv))
+            .map(|(g, (acts, kv))| {
+                let own = g.seq - g.shared;
+                let last_rows: Vec<u32> = (0..g.prompts).map(|i| (g.own_row + (i + 1) * own - 1) as u32).collect();
+                Ok(PromptsForward {
+                    last_hidden: x.index_select(&Tensor::from_vec(last_rows, g.prompts, dev)?, 0)?,
+                    acts,
+                    kv,
+                })
+            })
+            .collect()
     }
 
     /// Runs many [`Cone`]s in one packed forward and returns each one's last-position logits,
@@ -378,22 +425,21 @@ impl Transformer {
         let shared;
         let prefixes: Vec<&LayerKv> = match prefix {
             Prefix::Cached(kvs) => kvs,
-            Prefix::Packed(len) => {
-                debug_assert!(
-                    segments
-                        .iter()
-                        .all(|s| (s.offset == 0 && s.row == 0 && s.len == len) || s.offset == len),
-                    "a packed prefix of {len} rows must be the first segment, and every other one start after it"
-                );
-                // The first `len` packed rows, as a `[1, kv_heads, len, hd]` cache.
-                let cache = |t: &Tensor| -> Result<Tensor> {
-                    Ok(t.narrow(0, 0, len)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+            Prefix::Shared(spans) => {
+                // Each group's shared rows, as a `[1, kv_heads, len, hd]` cache.
+                let cache = |t: &Tensor, row: usize, len: usize| -> Result<Tensor> {
+                    Ok(t.narrow(0, row, len)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
                 };
-                shared = LayerKv {
-                    k: cache(&k)?,
-                    v: cache(&v)?,
-                };
-                vec![&shared]
+                shared = spans
+                    .iter()
+                    .map(|&(row, len)| {
+                        Ok(LayerKv {
+                            k: cache(&k, row, len)?,
+                            v: cache(&v, row, len)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                shared.iter().collect()
             }
         };
         let cpu_f32 = dev.is_cpu() && self.dtype == DType::F32;
@@ -434,6 +480,15 @@ mod tests {
             self.0.insert((site, layer), x.clone());
             Ok(x)
         }
+    }
+
+    /// `a` with its tokens from `diff` on changed.
+    fn b_for(a: &[u32], diff: usize) -> Vec<u32> {
+        let mut b = a.to_vec();
+        for id in &mut b[diff..] {
+            *id = (*id + 11) % 64;
+        }
+        b
     }
 
     #[test]
@@ -493,6 +548,39 @@ mod tests {
                     }
                     close(&packed.kv[l].k, &batched.kv[l].k, &format!("keys {l}"));
                     close(&packed.kv[l].v, &batched.kv[l].v, &format!("values {l}"));
+                }
+            }
+            // Groups of prompts in one forward (a dataset's pairs) give each group's own results.
+            let c: Vec<u32> = a.iter().map(|id| (id + 5) % 64).collect();
+            let mut d = c.clone();
+            d[3] = (d[3] + 1) % 64;
+            let groups = t
+                .forward_prompt_groups(
+                    &[(&[&a, &b_for(&a, 4)], 4), (&[&c, &d], 3), (&[&a[..5], &c[..5]], 0)],
+                    &sites,
+                )
+                .unwrap();
+            for (group, (prompts, shared)) in [
+                (vec![a.clone(), b_for(&a, 4)], 4),
+                (vec![c.clone(), d.clone()], 3),
+                (vec![a[..5].to_vec(), c[..5].to_vec()], 0),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+                let alone = t.forward_shared_prefix(&rows, *shared, &sites).unwrap();
+                let gap = max_abs_diff(
+                    &t.final_logits(&groups[group].last_hidden).unwrap(),
+                    &t.final_logits(&alone.last_hidden).unwrap(),
+                );
+                assert!(gap < tolerance, "group {group} {dtype:?}: {gap}");
+                for l in 0..cfg.num_layers {
+                    let gap = max_abs_diff(
+                        &groups[group].kv[l].k.to_dtype(DType::F32).unwrap(),
+                        &alone.kv[l].k.to_dtype(DType::F32).unwrap(),
+                    );
+                    assert!(gap < tolerance, "group {group} keys {l}: {gap}");
                 }
             }
             // Prompts that do not share the tokens claimed are refused, not silently mixed.

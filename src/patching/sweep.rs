@@ -90,6 +90,16 @@ impl Default for SweepOptions {
     }
 }
 
+/// The sites a request's baselines keep: the component's, and the residual stream the cones and
+/// head cells start from.
+fn baseline_sites(component: Component) -> Vec<Site> {
+    let mut sites = residual_sites(component);
+    sites.extend([Site::ResidPre, Site::ResidMid, Site::ResidPost]);
+    sites.sort();
+    sites.dedup();
+    sites
+}
+
 /// A prepared sweep: inputs validated, baselines run, source activations cached.
 pub struct Sweep<'m> {
     pub(super) model: &'m Model,
@@ -135,16 +145,70 @@ impl<'m> Sweep<'m> {
         Self::from_request(model, start, request.validate(model)?, top_k)
     }
 
-    /// Runs the baselines for a validated request and caches what both schedules need.
-    fn from_request(model: &'m Model, start: Instant, request: ValidRequest, top_k: usize) -> Result<Self> {
+    /// Prepares many requests at once (a dataset's pairs): their baselines run in one packed
+    /// forward ([`Transformer::forward_prompt_groups`](crate::model::Transformer::forward_prompt_groups)),
+    /// each then cached as [`Sweep::prepare`] caches it. A request that cannot run gets its error;
+    /// the others are prepared.
+    pub fn prepare_many(model: &'m Model, requests: &[SweepRequest], top_k: usize) -> Vec<Result<Self>> {
+        let start = Instant::now();
+        let mut valid: Vec<Result<ValidRequest>> = requests
+            .iter()
+            .map(|r| {
+                let v = r.validate(model)?;
+                Self::check(model, &v, top_k)?;
+                Ok(v)
+            })
+            .collect();
+        let ok: Vec<usize> = (0..valid.len()).filter(|&i| valid[i].is_ok()).collect();
+        let mut sites: Vec<Site> = ok
+            .iter()
+            .filter_map(|&i| valid[i].as_ref().ok())
+            .flat_map(|v| baseline_sites(v.component))
+            .collect();
+        sites.sort();
+        sites.dedup();
+        let prompts: Vec<([&[u32]; 2], usize)> = ok
+            .iter()
+            .filter_map(|&i| valid[i].as_ref().ok())
+            .map(|v| {
+                (
+                    [v.clean.token_ids.as_slice(), v.corrupted.token_ids.as_slice()],
+                    v.first_diff(),
+                )
+            })
+            .collect();
+        let groups: Vec<(&[&[u32]], usize)> = prompts.iter().map(|(p, shared)| (&p[..], *shared)).collect();
+        let forwards = model.transformer.forward_prompt_groups(&groups, &sites);
+        let share = start.elapsed() / (ok.len().max(1) as u32);
+        let mut forwards = match forwards {
+            Ok(f) => f.into_iter().map(Some).collect::<Vec<_>>(),
+            // Packed they failed (memory?): each pair's baselines on their own.
+            Err(_) => ok.iter().map(|_| None).collect(),
+        };
+        let mut out: Vec<Result<Self>> = Vec::with_capacity(valid.len());
+        let mut k = 0;
+        for v in valid.drain(..) {
+            out.push(v.and_then(|request| {
+                let forward = forwards[k].take();
+                k += 1;
+                let start = Instant::now().checked_sub(share).unwrap_or_else(Instant::now);
+                match forward {
+                    Some(f) => Self::from_baselines(model, start, request, top_k, f),
+                    None => Self::from_request(model, Instant::now(), request, top_k),
+                }
+            }));
+        }
+        out
+    }
+
+    /// What a request must be beyond its own validation to run on `model`.
+    fn check(model: &Model, request: &ValidRequest, top_k: usize) -> Result<()> {
         if top_k > MAX_TOP_K {
             return Err(Error::Input(format!(
                 "top-k is {top_k}; at most {MAX_TOP_K} candidates are kept per cell"
             )));
         }
-        let first_diff = request.first_diff();
         let component = request.component;
-        let seq = request.clean.token_ids.len();
         let cfg = &model.config;
         if component.has_heads() && (cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.head_dim == 0) {
             return Err(Error::Input(format!(
@@ -158,6 +222,34 @@ impl<'m> Sweep<'m> {
                 cfg.family.hf_class()
             )));
         }
+        Ok(())
+    }
+
+    /// Runs the baselines for a validated request and caches what both schedules need.
+    fn from_request(model: &'m Model, start: Instant, request: ValidRequest, top_k: usize) -> Result<Self> {
+        Self::check(model, &request, top_k)?;
+        // Both baselines in one packed forward that computes the tokens before the first
+        // difference once; it also keeps what the fast schedule starts cones from.
+        let baselines = model.transformer.forward_shared_prefix(
+            &[&request.clean.token_ids, &request.corrupted.token_ids],
+            request.first_diff(),
+            &baseline_sites(request.component),
+        )?;
+        Self::from_baselines(model, start, request, top_k, baselines)
+    }
+
+    /// Caches what both schedules need from a request's baselines (row 0 clean, row 1 corrupted).
+    fn from_baselines(
+        model: &'m Model,
+        start: Instant,
+        request: ValidRequest,
+        top_k: usize,
+        baselines: crate::model::PromptsForward,
+    ) -> Result<Self> {
+        let first_diff = request.first_diff();
+        let component = request.component;
+        let seq = request.clean.token_ids.len();
+        let cfg = &model.config;
         let layout = Layout::for_model(component, request.by_position, cfg, seq);
 
         let t = &model.transformer;
@@ -167,17 +259,6 @@ impl<'m> Sweep<'m> {
             Direction::Denoising => (0, 1),
             Direction::Noising => (1, 0),
         };
-        // Both baselines in one packed forward that computes the tokens before the first
-        // difference once; it also keeps what the fast schedule starts cones from.
-        let mut sites = residual_sites(component);
-        sites.extend([Site::ResidPre, Site::ResidMid, Site::ResidPost]);
-        sites.sort();
-        sites.dedup();
-        let baselines = t.forward_shared_prefix(
-            &[&request.clean.token_ids, &request.corrupted.token_ids],
-            first_diff,
-            &sites,
-        )?;
         let act = |site: Site, l: usize| {
             baselines
                 .acts
