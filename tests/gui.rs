@@ -315,7 +315,7 @@ fn a_previous_heatmap_is_marked_and_results_save_to_a_typed_path() {
     let out = dir.0.join("typed.csv");
     h.state_mut().settings_mut().save_path = out.to_string_lossy().into_owned();
     h.run_steps(2);
-    h.get_by_label("Save").click();
+    h.get_by_label("Save").click_accesskit();
     wait_until(&mut h, "the save", |a| a.message().is_some());
     assert_eq!(
         h.state().message().map(|(_, error)| *error),
@@ -326,7 +326,7 @@ fn a_previous_heatmap_is_marked_and_results_save_to_a_typed_path() {
     assert!(std::fs::read_to_string(&out).unwrap().starts_with("layer,position,"));
     h.state_mut().settings_mut().save_path = dir.0.join("no-such-folder/r.json").to_string_lossy().into_owned();
     h.run_steps(2);
-    h.get_by_label("Save").click();
+    h.get_by_label("Save").click_accesskit();
     wait_until(&mut h, "the refusal", |a| a.message().is_some_and(|(_, error)| *error));
     assert!(h.query_by_label_contains("the folder does not exist").is_some());
 }

@@ -7,6 +7,7 @@ mod files;
 pub mod heatmap;
 mod inspector;
 mod model_panel;
+mod pickers;
 pub mod presets;
 mod prompts;
 mod settings;

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod logits;
 pub mod metric;
 pub mod pattern;
+mod prepare;
 pub mod progress;
 pub mod request;
 pub mod result;
