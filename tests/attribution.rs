@@ -162,20 +162,14 @@ fn a_sweep_with_an_estimate_verifies_its_top_cells_first_and_marks_the_rest() {
     assert_eq!(back.estimate, result.estimate);
 }
 
-/// Queries scaled up until attention saturates: plain AtP's gradient through the softmax is then
-/// nearly zero where patching a query moves the attention from one key to another; AtP* recomputes
-/// that softmax exactly and stays close to the exact patched cells.
-#[test]
-fn atp_star_follows_saturated_attention_where_atp_does_not() {
+/// Tiny Llama cut to two layers, its queries scaled up (×30) until attention saturates.
+fn saturated_two_layer_llama(tag: &str) -> (TempDir, patchbay::model::Model) {
     let (_, mut config) = common::tiny_configs()
         .into_iter()
         .find(|(n, _)| n == "tiny-llama")
         .unwrap();
-    // Two layers, the second's heads compared: after their attention only the MLP, the final norm
-    // and the unembedding, so what AtP* still linearises is small next to what AtP linearises
-    // through the saturated softmax. (The first layer makes the last position's query differ.)
     config["num_hidden_layers"] = 2.into();
-    let dir = TempDir::new("atp-saturated");
+    let dir = TempDir::new(tag);
     write_tiny_model(&dir.0, &config);
     let path = dir.0.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
@@ -186,6 +180,18 @@ fn atp_star_follows_saturated_attention_where_atp_does_not() {
     }
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let model = load_folder(&dir.0);
+    (dir, model)
+}
+
+/// Queries scaled up until attention saturates: plain AtP's gradient through the softmax is then
+/// nearly zero where patching a query moves the attention from one key to another; AtP* recomputes
+/// that softmax exactly and stays close to the exact patched cells.
+#[test]
+fn atp_star_follows_saturated_attention_where_atp_does_not() {
+    // Two layers, the second's heads compared: after their attention only the MLP, the final norm
+    // and the unembedding, so what AtP* still linearises is small next to what AtP linearises
+    // through the saturated softmax. (The first layer makes the last position's query differ.)
+    let (_dir, model) = saturated_two_layer_llama("atp-saturated");
     let request = SweepRequest {
         component: Component::HeadQ,
         by_position: true,
@@ -222,22 +228,7 @@ fn atp_star_follows_saturated_attention_where_atp_does_not() {
 #[test]
 fn atp_star_head_outputs_equal_a_forward_with_the_queries_patched() {
     use patchbay::model::{Hooks, Site, Span};
-    let (_, mut config) = common::tiny_configs()
-        .into_iter()
-        .find(|(n, _)| n == "tiny-llama")
-        .unwrap();
-    config["num_hidden_layers"] = 2.into();
-    let dir = TempDir::new("atp-exact-z");
-    write_tiny_model(&dir.0, &config);
-    let path = dir.0.join("model.safetensors");
-    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
-    for (name, t) in tensors.iter_mut() {
-        if name.ends_with("self_attn.q_proj.weight") {
-            *t = (&*t * 30.0).unwrap();
-        }
-    }
-    candle_core::safetensors::save(&tensors, &path).unwrap();
-    let model = load_folder(&dir.0);
+    let (_dir, model) = saturated_two_layer_llama("atp-exact-z");
     let t = &model.transformer;
     let request = tiny_request(Component::HeadQ);
     let (clean, corrupted) = (

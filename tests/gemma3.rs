@@ -6,12 +6,11 @@
 mod common;
 
 use std::sync::OnceLock;
-use std::sync::atomic::AtomicBool;
 
 use common::reference::LOGIT_TOLERANCE;
-use common::{fixture_json, gemma3_gguf, ids, ioi_request};
+use common::{fixture_json, gemma3_gguf, ids, ioi_request, sweep_with};
 use patchbay::model::{DeviceChoice, DtypeChoice, Family, Model, ModelSource};
-use patchbay::patching::{Component, Schedule, Sweep, SweepOptions};
+use patchbay::patching::{Component, Schedule};
 
 fn gemma3() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
@@ -80,17 +79,7 @@ fn gemma3_ioi_sweeps_match_transformers_on_every_cell() {
         (Component::ResidPre, &[Schedule::Fast][..]),
     ] {
         for &schedule in schedules {
-            let result = Sweep::prepare(model, &ioi_request(component), 10)
-                .unwrap()
-                .run(
-                    &SweepOptions {
-                        schedule,
-                        ..SweepOptions::default()
-                    },
-                    &AtomicBool::new(false),
-                    &mut |_| {},
-                )
-                .unwrap();
+            let result = sweep_with(model, &ioi_request(component), schedule, 10);
             close(result.clean_logit_diff, &reference["clean_logit_diff"], "clean LD");
             close(
                 result.corrupted_logit_diff,

@@ -6,13 +6,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor};
-use common::{TempDir, fixture, load_folder, tiny_request};
+use common::{TempDir, fixture, load_folder, sweep_with, tiny_request};
 use patchbay::model::ArchConfig;
 use patchbay::model::synthetic::{shape, tensor_shapes};
-use patchbay::patching::{Component, Schedule, Sweep, SweepOptions};
+use patchbay::patching::{Component, Schedule};
 
 /// Writes `config` and random weights named by `rename` (plus `extra` buffers) into `dir`.
 fn write_folder(
@@ -40,17 +39,7 @@ fn sweeps_agree(dir: &std::path::Path) {
     let mut results = Vec::new();
     for component in [Component::AttnOut, Component::ResidPost] {
         for schedule in Schedule::ALL {
-            let result = Sweep::prepare(&model, &tiny_request(component), 5)
-                .unwrap()
-                .run(
-                    &SweepOptions {
-                        schedule,
-                        ..SweepOptions::default()
-                    },
-                    &AtomicBool::new(false),
-                    &mut |_| {},
-                )
-                .unwrap();
+            let result = sweep_with(&model, &tiny_request(component), schedule, 5);
             assert!(result.complete);
             results.push(result);
         }

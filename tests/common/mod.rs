@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use candle_core::{Device, Tensor};
 use patchbay::model::synthetic::tensor_shapes;
 use patchbay::model::{ArchConfig, DeviceChoice, DtypeChoice, Model, ModelSource};
-use patchbay::patching::{Component, SweepRequest};
+use patchbay::patching::{Component, Schedule, Sweep, SweepOptions, SweepRequest, SweepResult};
 
 /// The seed notebook's IOI clean prompt.
 pub const IOI_CLEAN: &str = "After John and Mary went to the store, Mary gave a bottle of milk to";
@@ -260,4 +260,19 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("a token id") as u32)
         .collect()
+}
+
+/// Prepares `request` on `model` and runs every cell with `schedule`, keeping `top_k` candidates.
+pub fn sweep_with(model: &Model, request: &SweepRequest, schedule: Schedule, top_k: usize) -> SweepResult {
+    Sweep::prepare(model, request, top_k)
+        .expect("the request is valid")
+        .run(
+            &SweepOptions {
+                schedule,
+                ..SweepOptions::default()
+            },
+            &std::sync::atomic::AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .expect("the sweep runs")
 }

@@ -162,17 +162,7 @@ pub fn check_sweep(
         request.direction,
         schedule.name()
     );
-    let result: SweepResult = Sweep::prepare(model, &request, 5)
-        .unwrap()
-        .run(
-            &SweepOptions {
-                schedule,
-                ..SweepOptions::default()
-            },
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap();
+    let result: SweepResult = super::sweep_with(model, &request, schedule, 5);
     let shape: Vec<usize> = serde_json::from_value(entry["shape"].clone()).unwrap();
     assert_eq!(result.shape, shape, "{what}: shape");
     let mut expected = Vec::new();
