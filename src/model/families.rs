@@ -242,18 +242,23 @@ fn load_llama(cfg: &ArchConfig, vb: VarBuilder) -> Result<Weights> {
             },
         });
     }
-    // Tied checkpoints usually omit lm_head.weight; use the embeddings then.
-    let lm_head = if !cfg.tie_word_embeddings && vb.contains_tensor("lm_head.weight") {
-        vb.get((cfg.vocab_size, d), "lm_head.weight")?
-    } else {
-        embed.clone()
-    };
+    let lm_head = lm_head(cfg, &vb, &embed)?;
     Ok(Weights {
         embed,
         positions: None,
         layers,
         final_norm: Norm::load(cfg, d, vbm.pp("norm"))?,
         lm_head,
+    })
+}
+
+/// The unembedding of a checkpoint named `lm_head.weight`: tied checkpoints usually omit it, and
+/// use the embeddings then.
+fn lm_head(cfg: &ArchConfig, vb: &VarBuilder, embed: &Tensor) -> Result<Tensor> {
+    Ok(if !cfg.tie_word_embeddings && vb.contains_tensor("lm_head.weight") {
+        vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
+    } else {
+        embed.clone()
     })
 }
 
@@ -294,11 +299,7 @@ fn load_gpt2(cfg: &ArchConfig, vb: VarBuilder) -> Result<Weights> {
             },
         });
     }
-    let lm_head = if !cfg.tie_word_embeddings && vb.contains_tensor("lm_head.weight") {
-        vb.get((cfg.vocab_size, d), "lm_head.weight")?
-    } else {
-        embed.clone()
-    };
+    let lm_head = lm_head(cfg, &vb, &embed)?;
     Ok(Weights {
         embed,
         positions: Some(positions),
